@@ -1,0 +1,155 @@
+"""ClientApp: SIFT finetuning once from θ0, sparse upload, and masked evaluation.
+
+A client keeps its own encoded residual (and so its mask) in the node's Flower state,
+so the server never has to send a mask back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from sift_fl.codec import decode_residual, dense_nbytes, encode_residual
+from sift_fl.flower import protocol
+from sift_fl.flower.records import arrays_to_record, record_to_arrays, record_to_residual, residual_to_record
+from sift_fl.merge import apply_residual
+from sift_fl.projection import SiftProjector
+from sift_fl.run_spec import BaseModel, RunSpec, load_base_model
+from sift_fl.sign import SignVector
+from sift_fl.training import accuracy, finetune, load_values
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+class BaseModelMismatchError(RuntimeError):
+    """The client's θ0 or parameter layout differs from the server's."""
+
+
+def _load_checked(config: ConfigRecord, client_id: str) -> tuple[RunSpec, BaseModel]:
+    spec = RunSpec.from_config(config)
+    base = load_base_model(spec)
+    if base.layout_digest != config["layout-digest"]:
+        raise BaseModelMismatchError(
+            f"client {client_id}: parameter layout digest {base.layout_digest[:16]} differs from the server's "
+            f"{str(config['layout-digest'])[:16]}; install the same setting, model and package versions as the server"
+        )
+    if base.base_digest != config["base-digest"]:
+        raise BaseModelMismatchError(
+            f"client {client_id}: base model θ0 digest {base.base_digest[:16]} differs from the server's "
+            f"{str(config['base-digest'])[:16]}; refusing to train on a different base model"
+        )
+    return spec, base
+
+
+def _partition(context: Context, spec: RunSpec) -> int:
+    partition_id = int(context.node_config.get("partition-id", -1))
+    if partition_id < 0:
+        raise ValueError("node config has no 'partition-id'; set it with --node-config")
+    return partition_id
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Finetune with SIFT (and plain finetuning as a baseline) and upload the sparse residual."""
+    torch.set_num_threads(1)
+    client_id = protocol.client_id_from_node_config(context.node_config)
+    config = message.content[protocol.CONFIG]
+    spec, base = _load_checked(config, client_id)
+    partition_id = _partition(context, spec)
+    num_partitions = int(context.node_config.get("num-partitions", spec.num_partitions))
+    data = base.setting.client_data(partition_id, num_partitions, spec.data_seed)
+    train_config = spec.train_config(base.setting, seed=spec.data_seed * 100_003 + partition_id)
+
+    started = time.perf_counter()
+    sign_vector = SignVector(spec.sign_seed, base.layout)
+    load_values(base.parameters, base.theta0)
+    projector = SiftProjector(base.parameters, sign_vector)
+    sift_residual = finetune(base.model, base.parameters, data.train, train_config, projector)
+    encoded = encode_residual(sift_residual, base.layout, sign_vector, spec.magnitude_dtype)
+    sift_seconds = time.perf_counter() - started
+
+    content = RecordDict({protocol.SIFT_RESIDUAL: residual_to_record(encoded)})
+    context.state[protocol.SIFT_RESIDUAL] = residual_to_record(encoded)
+    if spec.baselines:
+        load_values(base.parameters, base.theta0)
+        ft_residual = finetune(base.model, base.parameters, data.train, train_config)
+        content[protocol.FT_RESIDUAL] = arrays_to_record(ft_residual)
+        context.state[protocol.FT_RESIDUAL] = arrays_to_record(ft_residual)
+    load_values(base.parameters, base.theta0)
+
+    content[protocol.META] = ConfigRecord(
+        {
+            "client-id": client_id,
+            "layout-digest": base.layout_digest,
+            "base-digest": base.base_digest,
+            "sign-seed": spec.sign_seed,
+        }
+    )
+    content[protocol.METRICS] = MetricRecord(
+        {
+            "num-examples": len(data.train),
+            "density": encoded.density(),
+            "upload-bytes": encoded.nbytes,
+            "dense-bytes": dense_nbytes(base.layout),
+            "train-seconds": sift_seconds,
+        }
+    )
+    logger.info("client %s: SIFT density %.3f, upload %d bytes in %.1fs", client_id, encoded.density(), encoded.nbytes, sift_seconds)
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the local, merged and masked models on the client's local test split."""
+    torch.set_num_threads(1)
+    client_id = protocol.client_id_from_node_config(context.node_config)
+    config = message.content[protocol.CONFIG]
+    spec, base = _load_checked(config, client_id)
+    partition_id = _partition(context, spec)
+    num_partitions = int(context.node_config.get("num-partitions", spec.num_partitions))
+    test = base.setting.client_data(partition_id, num_partitions, spec.data_seed).test
+    served = str(config["served"])
+
+    def score(residual: dict[str, np.ndarray], mask: dict[str, np.ndarray] | None = None) -> float:
+        load_values(base.parameters, apply_residual(base.theta0, residual, mask))
+        return accuracy(base.model, test)
+
+    metrics: dict[str, float] = {"num-examples": len(test)}
+    sift_mean = record_to_arrays(message.content[protocol.SIFT_MEAN])
+    coverage_mean = record_to_arrays(message.content[protocol.SIFT_COVERAGE_MEAN])
+    metrics[protocol.ACCURACY_KEYS["sift_merge"]] = score(sift_mean)
+
+    own = context.state.get(protocol.SIFT_RESIDUAL)
+    mask = None
+    if own is not None:
+        sign_vector = SignVector(spec.sign_seed, base.layout)
+        residual = record_to_residual(own, base.layout)
+        metrics[protocol.ACCURACY_KEYS["local"]] = score(decode_residual(residual, base.layout, sign_vector))
+        if served == protocol.SERVED_MASKED:
+            mask = {spec_.name: residual.unpacked_mask(spec_.name, spec_.numel) for spec_ in base.layout.tensors}
+    elif served == protocol.SERVED_MASKED:
+        raise RuntimeError(f"client {client_id}: the server serves a masked model but this node holds no residual")
+
+    metrics[protocol.ACCURACY_KEYS["sift_masks"]] = score(sift_mean, mask)
+    metrics[protocol.ACCURACY_KEYS["sift_masks_coverage"]] = score(coverage_mean, mask)
+    if protocol.FT_MEAN in message.content.array_records:
+        metrics[protocol.ACCURACY_KEYS["ft_merge"]] = score(record_to_arrays(message.content[protocol.FT_MEAN]))
+        own_ft = context.state.get(protocol.FT_RESIDUAL)
+        if own_ft is not None:
+            metrics[protocol.ACCURACY_KEYS["local_ft"]] = score(record_to_arrays(own_ft))
+    load_values(base.parameters, base.theta0)
+
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord(metrics),
+            protocol.META: ConfigRecord({"client-id": client_id, "served": served}),
+        }
+    )
+    return Message(content=content, reply_to=message)

@@ -1,0 +1,1 @@
+"""Flower adapters: record conversion, the message protocol and the SIFT-Masks strategy."""
