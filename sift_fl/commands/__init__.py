@@ -1,0 +1,1 @@
+"""Subcommands of the `sift-fl` command-line interface."""

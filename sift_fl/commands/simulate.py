@@ -1,0 +1,105 @@
+"""`sift-fl simulate`: run the Flower app in the Simulation Engine and print the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from sift_fl.settings import SETTING_NAMES
+
+
+def _simulation_environment() -> None:
+    # Keep Ray on the loopback interface, without usage reporting, and load models offline.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """Run the app with `args.clients` simulated SuperNodes and print the report table."""
+    _simulation_environment()
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+    from sift_fl.report import format_table
+
+    if args.clients < 1:
+        raise SystemExit("--clients must be at least 1")
+    report_path = Path(args.report or Path(tempfile.mkdtemp(prefix="sift-fl-")) / "report.json").resolve()
+    if report_path.exists():
+        report_path.unlink()
+
+    overrides = {
+        "setting": args.setting,
+        "num-clients": args.clients,
+        "withdraw": args.withdraw,
+        "report": str(report_path),
+        "sign-seed": args.sign_seed,
+        "data-seed": args.data_seed,
+        "steps": args.steps,
+        "baselines": not args.no_baselines,
+    }
+    if args.setting == "bbc":
+        overrides["trainable-layers"] = args.trainable_layers
+        overrides["max-length"] = args.max_length
+        _prepare_bbc_cache(args)
+
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": args.workers, "include_dashboard": False, "logging_level": logging.WARNING},
+    }
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=client_app,
+        num_supernodes=args.clients,
+        backend_config=backend_config,
+    )
+
+    if not report_path.exists():
+        print(f"error: the simulation wrote no report at {report_path}; see the Flower log above", file=sys.stderr)
+        return 1
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    print(format_table(report))
+    print(f"report: {report_path}")
+
+    merged = len(report.get("merged_clients", [])) + len(report.get("withdrawals", []))
+    if merged < args.clients:
+        print(f"error: only {merged} of {args.clients} clients were merged", file=sys.stderr)
+        return 1
+    if not all(w["bit_exact"] for w in report["withdrawals"]):
+        print("error: a withdrawal was not bit-exact", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prepare_bbc_cache(args: argparse.Namespace) -> None:
+    # Compute the frozen-layer features once here, with a progress bar, before clients start.
+    from sift_fl.settings.bbc import BbcSetting
+
+    BbcSetting(trainable_layers=args.trainable_layers, max_length=args.max_length).frozen_features()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `simulate` command."""
+    parser = subparsers.add_parser("simulate", help="run the Flower app in the Simulation Engine")
+    parser.add_argument("--setting", choices=SETTING_NAMES, default="bbc", help="data set and model (default: bbc)")
+    parser.add_argument("--clients", type=int, default=20, help="number of simulated clients (default: 20)")
+    parser.add_argument("--withdraw", default="", help="comma-separated client ids to unmerge after merging, e.g. 0 or 0,3")
+    parser.add_argument("--report", default="", help="path of the JSON report (default: a new temporary directory)")
+    parser.add_argument("--sign-seed", type=int, default=20250406, help="public seed of the sign vector")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the partition and the local splits")
+    parser.add_argument("--steps", type=int, default=0, help="local optimizer steps (0: the setting's default)")
+    parser.add_argument("--trainable-layers", type=int, default=1, help="bbc: number of top encoder layers trained")
+    parser.add_argument("--max-length", type=int, default=128, help="bbc: tokens per article")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU cores for simulated clients")
+    parser.add_argument("--no-baselines", action="store_true", help="skip plain finetuning (FT+Merge baseline)")
+    parser.set_defaults(handler=simulate)
