@@ -47,6 +47,7 @@ def simulate(args: argparse.Namespace) -> int:
         "data-seed": args.data_seed,
         "steps": args.steps,
         "baselines": not args.no_baselines,
+        "classes-per-client": args.classes_per_client,
     }
     if args.setting == "bbc":
         overrides["trainable-layers"] = args.trainable_layers
@@ -98,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sign-seed", type=int, default=20250406, help="public seed of the sign vector")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the partition and the local splits")
     parser.add_argument("--steps", type=int, default=0, help="local optimizer steps (0: the setting's default)")
+    parser.add_argument("--classes-per-client", type=int, default=2, help="labels in each client's partition (label skew)")
     parser.add_argument("--trainable-layers", type=int, default=1, help="bbc: number of top encoder layers trained")
     parser.add_argument("--max-length", type=int, default=128, help="bbc: tokens per article")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU cores for simulated clients")
