@@ -100,3 +100,20 @@ def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     temporary.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(temporary, target)
     return target
+
+
+def report_problems(report: dict[str, Any], expected_clients: int) -> list[str]:
+    """Return what makes a run a failure: clients not merged, failed replies, inexact withdrawals.
+
+    Flower exits normally even when every client failed, so callers check the report instead.
+    """
+    problems = []
+    merged = len(report.get("merged_clients", [])) + sum(1 for w in report.get("withdrawals", []) if w.get("status") == "withdrawn")
+    if merged < expected_clients:
+        problems.append(f"only {merged} of {expected_clients} clients were merged")
+    for failure in report.get("failures", []):
+        problems.append(f"node {failure['node']} (client {failure['client']}) failed: {failure['reason']}")
+    for withdrawal in report.get("withdrawals", []):
+        if not withdrawal.get("bit_exact"):
+            problems.append(f"withdrawal of client {withdrawal['client']} was not bit-exact")
+    return problems

@@ -30,7 +30,7 @@ def simulate(args: argparse.Namespace) -> int:
 
     from clients.app import app as client_app
     from server.app import make_server_app
-    from sift_fl.report import format_table
+    from sift_fl.report import format_table, report_problems
 
     if args.clients < 1:
         raise SystemExit("--clients must be at least 1")
@@ -72,12 +72,10 @@ def simulate(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"report: {report_path}")
 
-    merged = len(report.get("merged_clients", [])) + len(report.get("withdrawals", []))
-    if merged < args.clients:
-        print(f"error: only {merged} of {args.clients} clients were merged", file=sys.stderr)
-        return 1
-    if not all(w["bit_exact"] for w in report["withdrawals"]):
-        print("error: a withdrawal was not bit-exact", file=sys.stderr)
+    problems = report_problems(report, args.clients)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
         return 1
     return 0
 
