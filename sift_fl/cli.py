@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Modules under sift_fl.commands; each defines register(subparsers) and sets a `handler`.
-COMMAND_MODULES = ("simulate",)
+COMMAND_MODULES = ("simulate", "store", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:
