@@ -1,21 +1,26 @@
-"""ClientApp: SIFT finetuning once from θ0, sparse upload, and masked evaluation.
+"""ClientApp: SIFT finetuning once from θ0, sparse upload, masked evaluation and withdrawal requests.
 
-A client keeps its own encoded residual (and so its mask) in the node's Flower state,
-so the server never has to send a mask back.
+A client keeps its own encoded residual (and so its mask) in the node's Flower state for
+the rest of the run. In a later run on the same store the node no longer holds it, so
+the server sends the client's own mask with the evaluate message.
+
+A client asks to be unmerged by answering the server's identify query with a withdrawal
+request; see `sift_fl.flower.query`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sift_fl.codec import decode_residual, dense_nbytes, encode_residual
-from sift_fl.flower import protocol
+from sift_fl.codec import MASK_SUFFIX, decode_residual, dense_nbytes, encode_residual
+from sift_fl.flower import protocol, query
 from sift_fl.flower.records import arrays_to_record, record_to_arrays, record_to_residual, residual_to_record
 from sift_fl.merge import apply_residual
 from sift_fl.projection import SiftProjector
@@ -24,8 +29,6 @@ from sift_fl.sign import SignVector
 from sift_fl.training import accuracy, finetune, load_values
 
 logger = logging.getLogger(__name__)
-
-app = ClientApp()
 
 
 class BaseModelMismatchError(RuntimeError):
@@ -55,11 +58,32 @@ def _partition(context: Context, spec: RunSpec) -> int:
     return partition_id
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Finetune with SIFT (and plain finetuning as a baseline) and upload the sparse residual."""
+def identify(message: Message, context: Context, withdraw_requests: Iterable[str] = ()) -> Message:
+    """Answer the identify query: client id, whether this node holds its residual, and any withdrawal request."""
+    client_id = protocol.client_id_from_node_config(context.node_config)
+    withdraw = query.wants_withdrawal(client_id, context.node_config, set(withdraw_requests))
+    if withdraw:
+        logger.info("client %s: asking the server to withdraw this client", client_id)
+    meta = ConfigRecord(
+        {
+            "client-id": client_id,
+            query.HAS_RESIDUAL: protocol.SIFT_RESIDUAL in context.state.array_records,
+            query.WITHDRAW_REQUEST: withdraw,
+        }
+    )
+    return Message(content=RecordDict({protocol.META: meta}), reply_to=message)
+
+
+def train(message: Message, context: Context, withdraw_requests: Iterable[str] = ()) -> Message:
+    """Finetune with SIFT (and plain finetuning as a baseline) and upload the sparse residual.
+
+    A client that asks to withdraw does not train and answers with the withdrawal request.
+    """
     torch.set_num_threads(1)
     client_id = protocol.client_id_from_node_config(context.node_config)
+    if query.wants_withdrawal(client_id, context.node_config, set(withdraw_requests)):
+        meta = ConfigRecord({"client-id": client_id, query.WITHDRAW_REQUEST: True})
+        return Message(content=RecordDict({protocol.META: meta}), reply_to=message)
     config = message.content[protocol.CONFIG]
     spec, base = _load_checked(config, client_id)
     partition_id = _partition(context, spec)
@@ -105,7 +129,6 @@ def train(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
-@app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the local, merged and masked models on the client's local test split."""
     torch.set_num_threads(1)
@@ -135,7 +158,7 @@ def evaluate(message: Message, context: Context) -> Message:
         if served == protocol.SERVED_MASKED:
             mask = {spec_.name: residual.unpacked_mask(spec_.name, spec_.numel) for spec_ in base.layout.tensors}
     elif served == protocol.SERVED_MASKED:
-        raise RuntimeError(f"client {client_id}: the server serves a masked model but this node holds no residual")
+        mask = _own_mask_from_message(message, base, client_id)
 
     metrics[protocol.ACCURACY_KEYS["sift_masks"]] = score(sift_mean, mask)
     metrics[protocol.ACCURACY_KEYS["sift_masks_coverage"]] = score(coverage_mean, mask)
@@ -153,3 +176,39 @@ def evaluate(message: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=message)
+
+
+def _own_mask_from_message(message: Message, base: BaseModel, client_id: str) -> dict[str, np.ndarray]:
+    if query.OWN_MASK not in message.content.array_records:
+        raise RuntimeError(f"client {client_id}: the server serves a masked model but sent no mask and this node holds no residual")
+    packed = record_to_arrays(message.content[query.OWN_MASK])
+    return {
+        tensor.name: np.unpackbits(packed[tensor.name + MASK_SUFFIX], count=tensor.numel).astype(bool)
+        for tensor in base.layout.tensors
+    }
+
+
+def make_client_app(withdraw_requests: Iterable[str] = ()) -> ClientApp:
+    """Return the ClientApp; clients whose id is in `withdraw_requests` ask the server to unmerge them.
+
+    Deployed nodes ask to withdraw with the node config key `withdraw=true` instead.
+    """
+    requested = frozenset(str(c) for c in withdraw_requests)
+    client_app = ClientApp()
+
+    @client_app.query(query.IDENTIFY_ACTION)
+    def identify_handler(message: Message, context: Context) -> Message:
+        return identify(message, context, requested)
+
+    @client_app.train()
+    def train_handler(message: Message, context: Context) -> Message:
+        return train(message, context, requested)
+
+    @client_app.evaluate()
+    def evaluate_handler(message: Message, context: Context) -> Message:
+        return evaluate(message, context)
+
+    return client_app
+
+
+app = make_client_app()

@@ -1,9 +1,12 @@
-"""ServerApp: admit clients once, merge exactly, serve masked models, unlearn on request."""
+"""ServerApp: admit clients once, merge exactly into a durable store, serve masked models, unlearn on request."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from sift_fl.flower.strategy import SiftMasksStrategy
 from sift_fl.report import build_report, format_table, write_report
-from sift_fl.run_spec import RunSpec, load_base_model
+from sift_fl.run_spec import BaseModel, RunSpec, load_base_model
+from sift_fl.store import MergeStore, StoreIdentity, content_digest
 
 
 def parse_client_ids(value: Any) -> list[str]:
@@ -22,38 +26,48 @@ def parse_client_ids(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+@contextmanager
+def open_store(run_config: Mapping[str, Any], spec: RunSpec, base: BaseModel) -> Iterator[MergeStore]:
+    """Open (or create) the store at the `store-dir` run config key; an empty key gives a temporary store.
+
+    Raises
+    ------
+    ValueError
+        If `store-dir` is a relative path: Flower runs the ServerApp from an installed copy
+        of the app, so a relative path would not point where the operator expects.
+    """
+    store_dir = str(run_config.get("store-dir", "")).strip()
+    identity = StoreIdentity(base.layout, base.base_digest, spec.sign_seed)
+    if not store_dir:
+        with tempfile.TemporaryDirectory(prefix="sift-fl-store-") as temporary:
+            log(INFO, "No store-dir in the run config: using a temporary store at %s, deleted after the run", temporary)
+            with MergeStore.create(temporary, identity, spec.to_config()) as store:
+                yield store
+        return
+
+    if not os.path.isabs(store_dir):
+        raise ValueError(f"store-dir must be an absolute path, got {store_dir!r}; the ServerApp does not run from the project directory")
+    with MergeStore.open_or_create(store_dir, identity, spec.to_config()) as store:
+        yield store
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -> dict[str, Any]:
     """Run the one-shot SIFT-Masks protocol and write the report; return the report."""
     spec = RunSpec.from_config({**run_config, "num-partitions": run_config.get("num-clients", RunSpec.num_partitions)})
     num_clients = int(run_config.get("num-clients", spec.num_partitions))
     base = load_base_model(spec)
-    strategy = SiftMasksStrategy(
-        spec,
-        base,
-        min_clients=num_clients,
-        withdraw=parse_client_ids(run_config.get("withdraw", "")),
-        node_wait_seconds=float(run_config.get("node-wait-seconds", 600)),
-    )
-
-    started = time.perf_counter()
-    strategy.start(grid, num_rounds=int(run_config.get("rounds", 1)), timeout=float(run_config.get("timeout", 3600)))
-    report = build_report(
-        spec.setting,
-        num_clients,
-        strategy.train_metrics,
-        strategy.evaluations,
-        [w.__dict__ for w in strategy.withdrawals],
-        strategy.failures,
-        extra={
-            "merged_clients": sorted(strategy.merge.members, key=lambda c: (len(c), c)),
-            "merge_digest": strategy.merge.digest(),
-            "layout_digest": base.layout_digest,
-            "base_digest": base.base_digest,
-            "trainable_parameters": base.layout.num_parameters,
-            "run_spec": spec.to_config(),
-            "seconds": time.perf_counter() - started,
-        },
-    )
+    with open_store(run_config, spec, base) as store:
+        strategy = SiftMasksStrategy(
+            spec,
+            base,
+            store,
+            min_clients=num_clients,
+            withdraw=parse_client_ids(run_config.get("withdraw", "")),
+            node_wait_seconds=float(run_config.get("node-wait-seconds", 600)),
+        )
+        started = time.perf_counter()
+        strategy.start(grid, num_rounds=int(run_config.get("rounds", 1)), timeout=float(run_config.get("timeout", 3600)))
+        report = _report(strategy, spec, base, num_clients, str(run_config.get("store-dir", "")), time.perf_counter() - started)
 
     path = str(run_config.get("report", "")) or str(Path.home() / "sift-fl-reports" / f"report-{run_id}.json")
     write_report(report, path)
@@ -61,6 +75,30 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -> di
         log(INFO, "%s", line)
     log(INFO, "Report written to %s", path)
     return report
+
+
+def _report(strategy: SiftMasksStrategy, spec: RunSpec, base: BaseModel, num_clients: int, store_dir: str, seconds: float) -> dict[str, Any]:
+    store = strategy.store
+    return build_report(
+        spec.setting,
+        num_clients,
+        strategy.train_metrics,
+        strategy.evaluations,
+        [w.__dict__ for w in strategy.withdrawals],
+        strategy.failures,
+        extra={
+            "merged_clients": sorted(store.members, key=lambda c: (len(c), c)),
+            "withdrawn_clients": sorted(store.withdrawn, key=lambda c: (len(c), c)),
+            "merge_digest": store.state.digest(),
+            "store_dir": store_dir,
+            "store_content_digest": content_digest(store),
+            "layout_digest": base.layout_digest,
+            "base_digest": base.base_digest,
+            "trainable_parameters": base.layout.num_parameters,
+            "run_spec": spec.to_config(),
+            "seconds": seconds,
+        },
+    )
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

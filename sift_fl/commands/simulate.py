@@ -28,8 +28,8 @@ def simulate(args: argparse.Namespace) -> int:
     _simulation_environment()
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
-    from server.app import make_server_app
+    from clients.app import make_client_app
+    from server.app import make_server_app, parse_client_ids
     from sift_fl.report import format_table, report_problems
 
     if args.clients < 1:
@@ -48,6 +48,7 @@ def simulate(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "baselines": not args.no_baselines,
         "classes-per-client": args.classes_per_client,
+        "store-dir": str(Path(args.store).resolve()) if args.store else "",
     }
     if args.setting == "bbc":
         overrides["trainable-layers"] = args.trainable_layers
@@ -60,7 +61,7 @@ def simulate(args: argparse.Namespace) -> int:
     }
     run_simulation(
         server_app=make_server_app(overrides),
-        client_app=client_app,
+        client_app=make_client_app(parse_client_ids(args.client_withdraw)),
         num_supernodes=args.clients,
         backend_config=backend_config,
     )
@@ -93,6 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--setting", choices=SETTING_NAMES, default="bbc", help="data set and model (default: bbc)")
     parser.add_argument("--clients", type=int, default=20, help="number of simulated clients (default: 20)")
     parser.add_argument("--withdraw", default="", help="comma-separated client ids to unmerge after merging, e.g. 0 or 0,3")
+    parser.add_argument(
+        "--store", default="", help="merge store directory, kept across runs (default: a temporary store deleted after the run)"
+    )
+    parser.add_argument(
+        "--client-withdraw", default="", help="comma-separated client ids whose ClientApp asks the server to unmerge it"
+    )
     parser.add_argument("--report", default="", help="path of the JSON report (default: a new temporary directory)")
     parser.add_argument("--sign-seed", type=int, default=20250406, help="public seed of the sign vector")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the partition and the local splits")

@@ -1,4 +1,4 @@
-"""SIFT-Masks as a Flower strategy: one-shot sparse uploads, exact merge, masked serving, unlearning."""
+"""SIFT-Masks as a Flower strategy: one-shot sparse uploads, durable exact merge, masked serving, unlearning."""
 
 from __future__ import annotations
 
@@ -13,45 +13,43 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from sift_fl.codec import EncodedResidual, InvalidResidualError
-from sift_fl.fixed_point import FixedPointFormat, OutOfRangeError
-from sift_fl.flower import protocol
-from sift_fl.flower.records import arrays_to_record, record_to_arrays, record_to_residual
-from sift_fl.merge import MergeState
+from sift_fl.codec import MASK_SUFFIX
+from sift_fl.flower import protocol, query
+from sift_fl.flower.records import arrays_to_record, record_to_arrays
 from sift_fl.run_spec import BaseModel, RunSpec
-from sift_fl.sign import SignVector
+from sift_fl.store import MergeStore, RejectedUploadError, UnknownClientError, Upload, verify_store
 
 
 @dataclass
 class Withdrawal:
-    """Outcome of unmerging one client."""
+    """Outcome of one withdrawal: `status` is "withdrawn" or "already-withdrawn"."""
 
     client: str
     seconds: float
     bit_exact: bool
     status: str
+    requested_by: str
 
 
 class SiftMasksStrategy(Strategy):
-    """Merge SIFT residuals exactly, serve each client through its own mask, unlearn on request.
+    """Merge SIFT residuals into a durable store, serve each client through its own mask, unlearn on request.
 
-    Every client trains once from θ0 and uploads once. Later rounds only admit clients
-    that have not been merged yet, so no residual ever depends on another client.
+    Every client trains once from θ0 and uploads once. Rounds only admit clients that the
+    store holds neither as merged nor as withdrawn, so no residual ever depends on another
+    client, and a later run on the same store does not retrain anyone.
 
     Parameters
     ----------
     spec : RunSpec
         Setting, seeds and hyperparameters sent to clients.
     base : BaseModel
-        The server's θ0, used for the layout and base digests that clients must match.
+        The server's θ0, whose layout and base digests clients must match.
+    store : MergeStore
+        The durable merge store; it validates every upload and performs every withdrawal.
     min_clients : int
         Number of connected nodes to wait for before the first round.
     withdraw : Iterable[str]
-        Client ids to unmerge after the last admission round.
-    number_format : FixedPointFormat, optional
-        Fixed-point format of the exact accumulator.
-    max_upload_bytes : int, optional
-        Uploads larger than this are rejected. Defaults to twice the dense float32 size.
+        Client ids to unmerge after the last admission round (the `withdraw` run config key).
     node_wait_seconds : float
         How long to wait for `min_clients` nodes before giving up.
     """
@@ -60,26 +58,23 @@ class SiftMasksStrategy(Strategy):
         self,
         spec: RunSpec,
         base: BaseModel,
+        store: MergeStore,
         min_clients: int,
         withdraw: Iterable[str] = (),
-        number_format: FixedPointFormat | None = None,
-        max_upload_bytes: int | None = None,
         node_wait_seconds: float = 600.0,
     ) -> None:
         self.spec = spec
         self.base = base
+        self.store = store
         self.layout = base.layout
         self.min_clients = min_clients
         self.withdraw_ids = [str(c) for c in withdraw]
-        self.max_upload_bytes = max_upload_bytes or 2 * 4 * self.layout.num_parameters
         self.node_wait_seconds = node_wait_seconds
 
-        self.sign_vector = SignVector(spec.sign_seed, self.layout)
-        self.merge = MergeState(self.layout, self.sign_vector, number_format)
-        self.residuals: dict[str, EncodedResidual] = {}
         self.ft_residuals: dict[str, dict[str, np.ndarray]] = {}
-        self.withdrawn: set[str] = set()
         self.node_clients: dict[int, str] = {}
+        self.nodes_with_residual: set[int] = set()
+        self.declined: set[str] = set()
         self.train_metrics: dict[str, dict[str, float]] = {}
         self.evaluations: dict[str, dict[str, dict[str, float | str]]] = {}
         self.withdrawals: list[Withdrawal] = []
@@ -91,7 +86,7 @@ class SiftMasksStrategy(Strategy):
         log(INFO, "\t├── Setting: %s, %d trainable parameters", self.spec.setting, self.layout.num_parameters)
         log(INFO, "\t├── Sign seed: %d, layout digest %s", self.spec.sign_seed, self.base.layout_digest[:16])
         log(INFO, "\t├── Base model digest: %s", self.base.base_digest[:16])
-        log(INFO, "\t├── Accumulator: int64 fixed point, resolution 2^-%d", self.merge.number_format.fraction_bits)
+        log(INFO, "\t├── Store: %s, %d clients merged, %d withdrawn", self.store.directory, len(self.store.members), len(self.store.withdrawn))
         log(INFO, "\t└── Withdraw after admission: %s", self.withdraw_ids or "none")
 
     def _base_config(self) -> dict:
@@ -100,73 +95,90 @@ class SiftMasksStrategy(Strategy):
         config["base-digest"] = self.base.base_digest
         return config
 
+    def identify(self, grid: Grid, timeout: float) -> None:
+        """Ask every node for its client id; unmerge the clients whose reply asks to withdraw."""
+        content = RecordDict({protocol.CONFIG: ConfigRecord(self._base_config())})
+        messages = [Message(content=content, message_type=query.IDENTIFY_MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                self._fail(node_id, "?", f"identify query failed: {reply.error.reason}")
+                continue
+            meta = reply.content[protocol.META]
+            client_id = str(meta["client-id"])
+            self.node_clients[node_id] = client_id
+            if bool(meta.get(query.HAS_RESIDUAL, False)):
+                self.nodes_with_residual.add(node_id)
+            if bool(meta.get(query.WITHDRAW_REQUEST, False)):
+                self.honour_withdraw_request(client_id)
+        log(INFO, "identify: %d nodes answered, %d clients already merged", len(self.node_clients), len(self.store.members))
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Send the train config to every connected node whose client has not been merged."""
-        merged_nodes = {node for node, client in self.node_clients.items() if client in self.merge.members}
-        node_ids = [node for node in grid.get_node_ids() if node not in merged_nodes]
-        log(INFO, "configure_train: %d nodes not yet merged (round %d)", len(node_ids), server_round)
+        """Send the train config to every node whose client is neither stored nor declined."""
+        done = self.store.members | set(self.store.withdrawn) | self.declined
+        node_ids = [node for node in grid.get_node_ids() if self.node_clients.get(node) not in done]
+        log(INFO, "configure_train: %d nodes to train (round %d)", len(node_ids), server_round)
 
         train_config = ConfigRecord({**self._base_config(), **dict(config), "server-round": server_round})
         content = RecordDict({protocol.CONFIG: train_config})
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in node_ids]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and merge each reply; a rejected reply changes nothing and is logged."""
+        """Merge each valid reply into the store; a rejected reply changes nothing and is logged."""
         merged_now = 0
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 self._fail(node_id, "?", f"client error: {reply.error.reason}")
                 continue
+            meta = reply.content.config_records.get(protocol.META)
+            client_id = str(meta.get("client-id", "?")) if meta else "?"
+            if meta is not None and bool(meta.get(query.WITHDRAW_REQUEST, False)):
+                self.honour_withdraw_request(client_id)
+                continue
             try:
-                client_id = self.ingest(reply)
-            except (InvalidResidualError, OutOfRangeError, ValueError, KeyError) as error:
-                meta = reply.content.config_records.get(protocol.META)
-                self._fail(node_id, str(meta.get("client-id", "?")) if meta else "?", str(error))
+                self.ingest(reply)
+            except (RejectedUploadError, KeyError, TypeError, ValueError) as error:
+                self._fail(node_id, client_id, str(error))
                 continue
             self.node_clients[node_id] = client_id
+            self.nodes_with_residual.add(node_id)
             merged_now += 1
 
-        log(INFO, "aggregate_train: merged %d clients this round, %d in all", merged_now, self.merge.count)
-        return None, MetricRecord({"merged-clients": self.merge.count, "merged-this-round": merged_now})
+        count = len(self.store.members)
+        log(INFO, "aggregate_train: merged %d clients this round, %d in the store", merged_now, count)
+        return None, MetricRecord({"merged-clients": count, "merged-this-round": merged_now})
 
     def ingest(self, reply: Message) -> str:
-        """Check one train reply against the layout, digests and sign seed, then merge it."""
+        """Check one train reply and merge it durably through `MergeStore.join`."""
         meta = reply.content[protocol.META]
         client_id = str(meta["client-id"])
-        for key, expected in (("layout-digest", self.base.layout_digest), ("base-digest", self.base.base_digest)):
-            if meta.get(key) != expected:
-                raise ValueError(f"client {client_id}: field {key} is {str(meta.get(key))[:16]}, expected {expected[:16]}")
-        if int(meta.get("sign-seed", -1)) != self.spec.sign_seed:
-            raise ValueError(f"client {client_id}: field sign-seed is {meta.get('sign-seed')}, expected {self.spec.sign_seed}")
-        if client_id in self.merge.members:
-            raise ValueError(f"client {client_id}: already merged; a second upload is rejected until it withdraws")
-
-        try:
-            residual = record_to_residual(reply.content[protocol.SIFT_RESIDUAL], self.layout, self.max_upload_bytes)
-        except InvalidResidualError as error:
-            raise InvalidResidualError(f"client {client_id}: {error}") from error
         ft_residual = None
         if self.spec.baselines:
             ft_residual = record_to_arrays(reply.content[protocol.FT_RESIDUAL])
             for tensor in self.layout.tensors:
                 if ft_residual.get(tensor.name) is None or ft_residual[tensor.name].shape != tensor.shape:
-                    raise InvalidResidualError(f"client {client_id}: field {protocol.FT_RESIDUAL}/{tensor.name} is missing or misshaped")
+                    raise RejectedUploadError(client_id, f"{protocol.FT_RESIDUAL}/{tensor.name}", "is missing or misshaped")
 
-        self.merge.add(client_id, residual)
-        self.residuals[client_id] = residual
+        upload = Upload(
+            client_id,
+            record_to_arrays(reply.content[protocol.SIFT_RESIDUAL]),
+            str(meta.get("layout-digest", "")),
+            str(meta.get("base-digest", "")),
+            int(meta.get("sign-seed", -1)),
+        )
+        self.store.join(upload)
         if ft_residual is not None:
             self.ft_residuals[client_id] = ft_residual
-        self.withdrawn.discard(client_id)
         self.train_metrics[client_id] = {k: float(v) for k, v in reply.content[protocol.METRICS].items()}
-        log(INFO, "merged client %s (density %.3f, %d bytes)", client_id, residual.density(), residual.nbytes)
         return client_id
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send τ̄ (plain and coverage-normalised) and the FT+Merge mean; merged clients apply their own mask."""
+        state = self.store.state
         records = {
-            protocol.SIFT_MEAN: arrays_to_record(self.merge.mean()),
-            protocol.SIFT_COVERAGE_MEAN: arrays_to_record(self.merge.coverage_mean()),
+            protocol.SIFT_MEAN: arrays_to_record(state.mean()),
+            protocol.SIFT_COVERAGE_MEAN: arrays_to_record(state.coverage_mean()),
         }
         if self.spec.baselines and self.ft_residuals:
             records[protocol.FT_MEAN] = arrays_to_record(self.ft_mean())
@@ -174,11 +186,17 @@ class SiftMasksStrategy(Strategy):
         messages = []
         for node in grid.get_node_ids():
             client = self.node_clients.get(node)
-            served = protocol.SERVED_MASKED if client in self.merge.members else protocol.SERVED_UNMASKED
+            served = protocol.SERVED_MASKED if client in state.members else protocol.SERVED_UNMASKED
             eval_config = ConfigRecord({**self._base_config(), **dict(config), "served": served, "server-round": server_round})
             content = RecordDict({**records, protocol.CONFIG: eval_config})
+            if served == protocol.SERVED_MASKED and node not in self.nodes_with_residual:
+                content[query.OWN_MASK] = self._own_mask(client)
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
         return messages
+
+    def _own_mask(self, client_id: str) -> ArrayRecord:
+        residual = self.store.load_residual(client_id)
+        return arrays_to_record({name + MASK_SUFFIX: tensor.mask for name, tensor in residual.tensors.items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Store each client's accuracies under the current phase and return their means."""
@@ -200,42 +218,37 @@ class SiftMasksStrategy(Strategy):
         return MetricRecord(means)
 
     def ft_mean(self) -> dict[str, np.ndarray]:
-        """Return the uniform mean of the merged clients' plain finetuning residuals."""
-        members = sorted(c for c in self.merge.members if c in self.ft_residuals)
+        """Return the uniform mean of the plain finetuning residuals of merged clients trained in this run."""
+        members = sorted(c for c in self.store.members if c in self.ft_residuals)
         return {
             tensor.name: np.mean([self.ft_residuals[c][tensor.name] for c in members], axis=0).astype(np.float32)
             if members else np.zeros(tensor.shape, np.float32)
             for tensor in self.layout.tensors
         }
 
-    def withdraw(self, client_id: str) -> Withdrawal:
-        """Unmerge a client: subtract its residual, delete its residual and mask, check exactness.
+    def withdraw(self, client_id: str, requested_by: str = "run-config") -> Withdrawal:
+        """Unmerge a client through `MergeStore.withdraw`, then verify the store against a from-scratch merge.
 
-        Withdrawing a client twice is a no-op; an id that was never merged raises KeyError.
+        Withdrawing a client twice is a no-op; an id the store never merged raises UnknownClientError.
         """
-        if client_id in self.withdrawn:
-            log(INFO, "client %s was already withdrawn; nothing to do", client_id)
-            return Withdrawal(client_id, 0.0, True, "already-withdrawn")
-        if client_id not in self.merge.members:
-            raise KeyError(f"client {client_id!r} is not merged; merged clients: {sorted(self.merge.members)}")
-
-        started = time.perf_counter()
-        residual = self.residuals.pop(client_id)
-        self.merge.remove(client_id, residual)
+        outcome = self.store.withdraw(client_id)
         self.ft_residuals.pop(client_id, None)
-        seconds = time.perf_counter() - started
-        self.withdrawn.add(client_id)
-
-        scratch = MergeState.from_scratch(self.layout, self.sign_vector, self.residuals, self.merge.number_format)
-        bit_exact = self.merge.equals(scratch) and all(
-            np.array_equal(a.view(np.uint32), b.view(np.uint32))
-            for a, b in zip(self.merge.mean().values(), scratch.mean().values())
-        )
+        bit_exact = verify_store(self.store).ok
         level = INFO if bit_exact else ERROR
-        log(level, "withdrew client %s in %.4fs; merge equals a from-scratch merge of the retain set: %s", client_id, seconds, bit_exact)
-        return Withdrawal(client_id, seconds, bit_exact, "withdrawn")
+        log(level, "%s (requested by %s); store equals a from-scratch merge of the retain set: %s", outcome.message, requested_by, bit_exact)
+        withdrawal = Withdrawal(client_id, outcome.seconds, bit_exact, outcome.status, requested_by)
+        self.withdrawals.append(withdrawal)
+        return withdrawal
 
-    def _fail(self, node_id: int, client_id: str, reason: str) -> None:
+    def honour_withdraw_request(self, client_id: str) -> None:
+        """Handle a withdrawal the client asked for itself: unmerge it if merged, and never train it in this run."""
+        self.declined.add(client_id)
+        try:
+            self.withdraw(client_id, requested_by="client")
+        except UnknownClientError:
+            log(INFO, "client %s asked to withdraw but was never merged; it will not be trained", client_id)
+
+    def _fail(self, node_id: int | str, client_id: str, reason: str) -> None:
         log(WARNING, "node %s (client %s) rejected: %s", node_id, client_id, reason)
         self.failures.append({"node": str(node_id), "client": client_id, "reason": reason})
 
@@ -257,10 +270,10 @@ class SiftMasksStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: object = None,
     ) -> Result:
-        """Run `num_rounds` admission rounds (train new clients, evaluate), then the withdrawals.
+        """Identify nodes, run `num_rounds` admission rounds (train new clients, evaluate), then the withdrawals.
 
-        After the withdrawals, every client is evaluated again, and the withdrawn ones are
-        served the unmasked merge.
+        After the run-config withdrawals, every client is evaluated again, and the
+        withdrawn ones are served the unmasked merge.
         """
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         self.summary()
@@ -269,9 +282,10 @@ class SiftMasksStrategy(Strategy):
         empty = ArrayRecord()
         result = Result()
         self._wait_for_nodes(grid)
+        self.identify(grid, timeout)
 
         for server_round in range(1, num_rounds + 1):
-            log(INFO, "[ROUND %d/%d] admitting clients that have not been merged", server_round, num_rounds)
+            log(INFO, "[ROUND %d/%d] admitting clients that are not in the store", server_round, num_rounds)
             replies = grid.send_and_receive(self.configure_train(server_round, empty, train_config, grid), timeout=timeout)
             _, train_metrics = self.aggregate_train(server_round, replies)
             if train_metrics is not None:
@@ -286,7 +300,10 @@ class SiftMasksStrategy(Strategy):
 
         if self.withdraw_ids:
             for client_id in self.withdraw_ids:
-                self.withdrawals.append(self.withdraw(client_id))
+                try:
+                    self.withdraw(client_id)
+                except UnknownClientError as error:
+                    self._fail("-", client_id, f"withdrawal requested by the run config failed: {error}")
             self._phase = "after-withdrawal"
             after_round = num_rounds + 1
             replies = grid.send_and_receive(self.configure_evaluate(after_round, empty, evaluate_config, grid), timeout=timeout)
