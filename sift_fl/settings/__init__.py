@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from sift_fl.settings.base import ClientData, Setting, Split, TrainConfig
 
-SETTING_NAMES = ("digits", "bbc")
+SETTING_NAMES = ("digits", "bbc", "fmnist")
 
 
 def get_setting(name: str, **options: object) -> Setting:
-    """Return the setting called `name` ("digits" or "bbc")."""
+    """Return the setting called `name` ("digits", "bbc" or "fmnist")."""
     if name == "digits":
         from sift_fl.settings.digits import DigitsSetting
 
@@ -17,6 +17,10 @@ def get_setting(name: str, **options: object) -> Setting:
         from sift_fl.settings.bbc import BbcSetting
 
         return BbcSetting(**options)  # type: ignore[arg-type]
+    if name == "fmnist":
+        from sift_fl.settings.fmnist import FashionMnistSetting
+
+        return FashionMnistSetting(**options)  # type: ignore[arg-type]
     raise ValueError(f"unknown setting {name!r}; choose one of {', '.join(SETTING_NAMES)}")
 
 
