@@ -99,3 +99,22 @@ def base_digest(layout: ParameterLayout, arrays: Mapping[str, Any]) -> str:
             )
         hasher.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     return hasher.hexdigest()
+
+
+def frozen_digest(arrays: Mapping[str, Any]) -> str:
+    """Return the sha256 hex digest of frozen tensors (names, shapes, dtypes and bytes, sorted by name).
+
+    Frozen weights are not in the layout, but the merge is only meaningful if every client
+    has the same ones (for example the shared LoRA A matrices), so θ0's digest covers them too.
+    """
+    hasher = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(as_numpy(arrays[name]))
+        hasher.update(f"{name}:{list(array.shape)}:{array.dtype.name};".encode("utf-8"))
+        hasher.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return hasher.hexdigest()
+
+
+def combined_digest(*digests: str) -> str:
+    """Return the sha256 hex digest of several hex digests joined in order."""
+    return hashlib.sha256(":".join(digests).encode("ascii")).hexdigest()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sift_fl.layout import ParameterLayout, base_digest
+from sift_fl.layout import ParameterLayout, base_digest, combined_digest, frozen_digest
 from sift_fl.settings import Setting, TrainConfig, get_setting
 
 
@@ -23,6 +23,9 @@ class RunSpec:
     """Setting, seeds and hyperparameters of one federation."""
 
     setting: str = "bbc"
+    mode: str = "top-layers"
+    lora_rank: int = 8
+    trainable_patterns: str = ""
     num_partitions: int = 20
     model_seed: int = 0
     data_seed: int = 0
@@ -59,6 +62,9 @@ class RunSpec:
                 trainable_layers=self.trainable_layers,
                 max_length=self.max_length,
                 classes_per_client=self.classes_per_client,
+                mode=self.mode,
+                lora_rank=self.lora_rank,
+                trainable_patterns=tuple(p.strip() for p in self.trainable_patterns.split(",") if p.strip()),
             )
         return get_setting(self.setting, classes_per_client=self.classes_per_client)
 
@@ -105,7 +111,9 @@ def load_base_model(spec: RunSpec) -> BaseModel:
 
     theta0 = {name: p.detach().numpy().copy() for name, p in parameters.items()}
     layout = ParameterLayout.from_arrays(theta0)
-    return BaseModel(setting, model, parameters, theta0, layout, layout.digest(), base_digest(layout, theta0))
+    frozen = {name: p for name, p in model.named_parameters() if name not in parameters}
+    digest = combined_digest(base_digest(layout, theta0), frozen_digest(frozen))
+    return BaseModel(setting, model, parameters, theta0, layout, layout.digest(), digest)
 
 
 def _coerce(value: Any, default: Any, key: str) -> Any:

@@ -110,12 +110,23 @@ class TopEncoderClassifier(nn.Module):
         return self.head(pooled)
 
 
+MODES = ("head", "top-layers", "lora")
+LORA_TARGET_MODULES = ("query", "key", "value", "dense")
+
+
 class BbcSetting(Setting):
-    """BBC News, two topics per client, MiniLM top layers + head (1.78M parameters at one layer)."""
+    """BBC News, two topics per client, MiniLM with one of three trainable sets.
+
+    Modes: `head` trains only the linear head; `top-layers` trains the top `trainable_layers`
+    encoder layers and the head (1.78M parameters at one layer), optionally narrowed by
+    `trainable_patterns`; `lora` adds LoRA adapters with frozen shared A matrices to the top
+    `trainable_layers` layers and trains their B matrices and the head.
+    """
 
     name = "bbc"
     num_classes = 5
-    default_train_config = TrainConfig(steps=20, batch_size=16, learning_rate=3e-4, optimizer="adam")
+    # The head alone and the LoRA B matrices need larger steps than full encoder-layer weights.
+    learning_rates = {"head": 3e-3, "top-layers": 3e-4, "lora": 2e-3}
 
     def __init__(
         self,
@@ -123,21 +134,47 @@ class BbcSetting(Setting):
         max_length: int = 128,
         classes_per_client: int = 2,
         test_fraction: float = 0.25,
+        mode: str = "top-layers",
+        lora_rank: int = 8,
+        trainable_patterns: tuple[str, ...] = (),
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown bbc mode {mode!r}; choose one of {', '.join(MODES)}")
         if not 0 <= trainable_layers <= NUM_LAYERS:
             raise ValueError(f"trainable_layers must be in [0, {NUM_LAYERS}], got {trainable_layers}")
-        self.trainable_layers = trainable_layers
+        if mode == "lora" and trainable_layers == 0:
+            raise ValueError("lora mode needs at least one encoder layer to adapt: set trainable_layers >= 1")
+        self.mode = mode
+        self.trainable_layers = 0 if mode == "head" else trainable_layers
         self.max_length = max_length
         self.classes_per_client = classes_per_client
         self.test_fraction = test_fraction
+        self.lora_rank = lora_rank
+        self.trainable_patterns = tuple(trainable_patterns)
+        self.default_train_config = TrainConfig(steps=20, batch_size=16, learning_rate=self.learning_rates[mode], optimizer="adam")
 
     def build_model(self, model_seed: int) -> nn.Module:
-        model = TopEncoderClassifier(load_encoder(), self.trainable_layers, self.num_classes, model_seed)
+        model: nn.Module = TopEncoderClassifier(load_encoder(), self.trainable_layers, self.num_classes, model_seed)
+        if self.mode == "lora":
+            from sift_fl.hf.lora import frozen_a_lora
+
+            return frozen_a_lora(
+                model, LORA_TARGET_MODULES, self.lora_rank, 2.0 * self.lora_rank, model_seed, modules_to_save=("head",)
+            )
+
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        if self.mode == "lora":
+            from sift_fl.hf.lora import lora_trainable_parameters
+
+            return lora_trainable_parameters(model)
+        if self.trainable_patterns:
+            from sift_fl.hf.trainable import select_trainable
+
+            return select_trainable(model, self.trainable_patterns)
         return dict(model.named_parameters())
 
     def client_data(self, partition_id: int, num_partitions: int, data_seed: int) -> ClientData:
