@@ -109,7 +109,7 @@ def test_fmnist_partition_matches_shared_partitioner(fake_fmnist):
         np.testing.assert_array_equal(cached_test, shared_test)
 
 
-def test_fmnist_pretrained_base_is_cached_and_differs_from_random(fake_fmnist):
+def test_fmnist_pretrained_base_cached(fake_fmnist):
     pretrained = get_setting("fmnist")
     random = get_setting("fmnist", pretrained=False)
 

@@ -1,8 +1,8 @@
 """Training phase: each client finetunes from θ0 (plain and SIFT), once, in sequence.
 
-Each client's residuals go to the on-disk store and into the streaming merge sums; only the
-client's small validation and test splits stay in memory (and its training split when the
-central reference needs it).
+Each client's residuals go to the on-disk store and into the streaming merge sums. Only the
+client's small validation and test splits stay in memory, plus its training split when the
+central reference needs it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every phase of one run (one client count N) shares: setting, model at θ0, layout, store."""
+"""Run context: the setting, model at θ0, layout and residual store shared by the phases of one client count N."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Serving phase: each method's model for each client, scored on the client's local test split.
 
-Shared models (ft_merge, sift_merge, ties, central) are built once; per-client models
+Shared models (ft_merge, sift_merge, ties, central) are built once. Per-client models
 (sift_masks, sift_masks_coverage, mask_only, tall_masks) read the client's stored residual
 back from disk, one client at a time.
 """

@@ -1,4 +1,4 @@
-"""Per-client residuals on disk, so the server holds merge sums and never N dense models.
+"""Per-client residuals on disk, so the server keeps merge sums in memory and never N dense models.
 
 Files are plain `.npz` archives (no pickled objects) under `root/<kind>/<client>.npz`:
 SIFT residuals in the wire format (packed mask and magnitudes), TIES-trimmed residuals as flat
