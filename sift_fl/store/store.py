@@ -1,24 +1,12 @@
 """MergeStore: the server's durable, exact merge state under one directory.
 
-Directory contents:
-
-- `manifest.sqlite` (+ `-wal`, `-shm`): metadata, the state row (generation, accumulator
-  file, digest), one row per merged client and a tombstone per withdrawn client.
-- `accumulator.g<generation>.safetensors`: int64 sums and int32 coverage per tensor.
-- `residuals/<sha256(client id)[:16]>.g<generation>.safetensors`: a client's packed mask
-  bits and magnitudes, as uploaded.
-- `store.lock`: an flock that serialises writers across processes.
-
-A join or a withdrawal writes the new files under fresh names, fsyncs them, then commits
-one manifest transaction that points at them, and only then deletes the files it replaced.
-Opening the store deletes every tensor file that the committed manifest does not reference,
-so after a crash at any step the store holds exactly the committed state.
+The store keeps every merged client's residual (packed mask bits and magnitudes), the
+exact accumulator and an SQLite manifest (see `sift_fl.store.paths` for the files).
+Joins and withdrawals follow the crash-safe sequences of `sift_fl.store.transactions`.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import time
@@ -31,27 +19,15 @@ from typing import Any
 from sift_fl.codec import EncodedResidual
 from sift_fl.merge import MergeState
 from sift_fl.sign import SignVector
-from sift_fl.store.files import (
-    StepHook,
-    accumulator_to_bytes,
-    fsync_directory,
-    load_accumulator,
-    no_step,
-    residual_from_file,
-    residual_to_bytes,
-    sha256_bytes,
-    shred,
-    write_atomically,
-)
+from sift_fl.store.files import StepHook, load_accumulator, no_step, residual_from_file
 from sift_fl.store.identity import StoreError, StoreIdentity, StoreMismatchError, describe_format
+from sift_fl.store.lock import StoreLock
 from sift_fl.store.manifest import ClientRow, Manifest, Snapshot
+from sift_fl.store.paths import LOCK_NAME, MANIFEST_NAME, RESIDUAL_DIR, tensor_files
+from sift_fl.store.transactions import referenced_files, remove_unreferenced, write_creation, write_join, write_withdrawal
 from sift_fl.store.validation import RejectedUploadError, Upload, validate_upload
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.sqlite"
-LOCK_NAME = "store.lock"
-RESIDUAL_DIR = "residuals"
 
 
 class UnknownClientError(KeyError):
@@ -69,15 +45,6 @@ class WithdrawalOutcome:
     status: str
     seconds: float
     message: str
-
-
-def accumulator_name(generation: int) -> str:
-    return f"accumulator.g{generation:08d}.safetensors"
-
-
-def residual_name(client_id: str, generation: int) -> str:
-    key = hashlib.sha256(client_id.encode("utf-8")).hexdigest()[:16]
-    return f"{RESIDUAL_DIR}/{key}.g{generation:08d}.safetensors"
 
 
 class MergeStore:
@@ -101,8 +68,7 @@ class MergeStore:
         self.directory = directory
         self.manifest = manifest
         self._step = step_hook or no_step
-        self._lock_file = open(directory / LOCK_NAME, "a+b")  # noqa: SIM115 (held for the store's lifetime)
-        self._lock_depth = 0
+        self._lock = StoreLock(directory / LOCK_NAME)
 
         meta = manifest.meta()
         self.identity = StoreIdentity.from_meta(meta)
@@ -129,16 +95,12 @@ class MergeStore:
         """
         directory = Path(directory)
         (directory / RESIDUAL_DIR).mkdir(parents=True, exist_ok=True)
-        with _flock(directory / LOCK_NAME):
-            manifest = Manifest(directory / MANIFEST_NAME)
-            if manifest.initialised():
-                manifest.close()
-                raise StoreError(f"{directory} already holds a store; open it instead of creating a new one")
-
-            state = MergeState(identity.layout, SignVector(identity.sign_seed, identity.layout), identity.number_format)
-            write_atomically(directory / accumulator_name(0), accumulator_to_bytes(state))
-            meta = {**identity.to_meta(), "run-spec": json.dumps(run_spec or {}, sort_keys=True), "created-at": repr(time.time())}
-            manifest.initialise(meta, accumulator_name(0), state.digest())
+        lock = StoreLock(directory / LOCK_NAME)
+        try:
+            with lock.held():
+                write_creation(directory, identity, {"run-spec": json.dumps(run_spec or {}, sort_keys=True)})
+        finally:
+            lock.close()
         logger.info("created store %s (%s)", directory, describe_format(identity.number_format))
         return cls.open(directory, identity, step_hook)
 
@@ -201,7 +163,7 @@ class MergeStore:
 
     def close(self) -> None:
         self.manifest.close()
-        self._lock_file.close()
+        self._lock.close()
 
     def __enter__(self) -> MergeStore:
         return self
@@ -221,44 +183,30 @@ class MergeStore:
     @property
     def state(self) -> MergeState:
         """The current merge state (sums, coverage, members); callers must not modify it."""
-        with self._locked(exclusive=False):
-            self._refresh()
-            assert self._state is not None
-            return self._state
+        return self._current()[1]
 
     @property
     def members(self) -> set[str]:
-        return set(self.state.members)
+        return set(self._current()[1].members)
 
     @property
     def clients(self) -> dict[str, ClientRow]:
         """Manifest rows of the merged clients, by client id."""
-        with self._locked(exclusive=False):
-            self._refresh()
-            assert self._snapshot is not None
-            return dict(self._snapshot.clients)
+        return dict(self._current()[0].clients)
 
     @property
     def withdrawn(self) -> dict[str, float]:
         """Withdrawal time (Unix seconds) of every withdrawn client that has not joined again."""
-        with self._locked(exclusive=False):
-            self._refresh()
-            assert self._snapshot is not None
-            return dict(self._snapshot.tombstones)
+        return dict(self._current()[0].tombstones)
 
     @property
     def generation(self) -> int:
-        with self._locked(exclusive=False):
-            self._refresh()
-            assert self._snapshot is not None
-            return self._snapshot.generation
+        return self._current()[0].generation
 
     def load_residual(self, client_id: str) -> EncodedResidual:
         """Read a merged client's residual from its file, checking the recorded sha256."""
         with self._locked(exclusive=False):
-            self._refresh()
-            assert self._snapshot is not None
-            row = self._snapshot.clients.get(client_id)
+            row = self._current()[0].clients.get(client_id)
             if row is None:
                 raise UnknownClientError(f"client {client_id!r} is not merged in the store at {self.directory}")
             return residual_from_file(self.directory / row.residual_file, self.identity.layout, row.sha256)
@@ -270,14 +218,11 @@ class MergeStore:
 
     def tensor_files(self) -> list[Path]:
         """Return the accumulator and residual files in the directory, including leftover temporary files."""
-        files = sorted(self.directory.glob("accumulator.g*.safetensors*"))
-        return files + sorted((self.directory / RESIDUAL_DIR).glob("*.safetensors*"))
+        return tensor_files(self.directory)
 
     def referenced_files(self) -> set[Path]:
         """Return the tensor files that the committed manifest references."""
-        snapshot = self.manifest.snapshot()
-        names = [snapshot.accumulator_file] + [row.residual_file for row in snapshot.clients.values()]
-        return {self.directory / name for name in names}
+        return referenced_files(self.directory, self.manifest.snapshot())
 
     # Writing.
 
@@ -354,38 +299,12 @@ class MergeStore:
             If a file the manifest references is missing.
         """
         with self._locked():
-            referenced = self.referenced_files()
-            missing = sorted(str(path) for path in referenced if not path.is_file())
-            if missing:
-                raise StoreError(f"files listed in the manifest of {self.directory} are missing: {missing[:5]}")
-
-            stale = [path for path in self.tensor_files() if path not in referenced]
-            for path in stale:
-                shred(path, self._step)
-            if stale:
-                self._fsync_directories()
-                logger.warning("store %s: deleted %d files left by an interrupted operation", self.directory, len(stale))
-            return stale
+            return remove_unreferenced(self.directory, self.manifest, self._step)
 
     def _join(self, client_id: str, residual: EncodedResidual) -> ClientRow:
         assert self._state is not None and self._snapshot is not None
-        generation = self._snapshot.generation + 1
-        self._state.add(client_id, residual)
-
-        data = residual_to_bytes(client_id, residual)
-        row = ClientRow(
-            client_id, residual_name(client_id, generation), sha256_bytes(data), residual.density(), residual.nbytes, time.time(), generation
-        )
-        write_atomically(self.directory / row.residual_file, data, self._step)
-        write_atomically(self.directory / accumulator_name(generation), accumulator_to_bytes(self._state), self._step)
-
-        self.manifest.commit_join(row, accumulator_name(generation), self._state.digest(), self._step)
-        replaced = self._snapshot.accumulator_file
+        row = write_join(self.directory, self.manifest, self._state, self._snapshot, client_id, residual, self._step)
         self._snapshot = self.manifest.snapshot()
-
-        shred(self.directory / replaced, self._step)
-        self._step("fsync store directory")
-        fsync_directory(self.directory)
         logger.info("merged client %s (density %.3f, %d bytes), %d clients in the store", client_id, row.density, row.nbytes, self._state.count)
         return row
 
@@ -393,24 +312,8 @@ class MergeStore:
         assert self._state is not None and self._snapshot is not None
         row = self._snapshot.clients[client_id]
         residual = residual_from_file(self.directory / row.residual_file, self.identity.layout, row.sha256)
-
-        started = time.perf_counter()
-        generation = self._snapshot.generation + 1
-        self._state.remove(client_id, residual)
-        write_atomically(self.directory / accumulator_name(generation), accumulator_to_bytes(self._state), self._step)
-        self.manifest.commit_withdrawal(
-            client_id, time.time(), generation, accumulator_name(generation), self._state.digest(), self._step
-        )
-        seconds = time.perf_counter() - started
-        replaced = self._snapshot.accumulator_file
+        seconds = write_withdrawal(self.directory, self.manifest, self._state, self._snapshot, client_id, residual, self._step)
         self._snapshot = self.manifest.snapshot()
-
-        # The old accumulator minus the new one is the client's residual, so it is shredded too.
-        self._step("checkpoint manifest")
-        self.manifest.checkpoint()
-        shred(self.directory / row.residual_file, self._step)
-        shred(self.directory / replaced, self._step)
-        self._fsync_directories()
 
         message = (
             f"withdrew client {client_id!r}: residual subtracted, residual and mask files deleted, "
@@ -420,6 +323,12 @@ class MergeStore:
         return WithdrawalOutcome(client_id, "withdrawn", seconds, message)
 
     # Internals.
+
+    def _current(self) -> tuple[Snapshot, MergeState]:
+        with self._locked(exclusive=False):
+            self._refresh()
+            assert self._snapshot is not None and self._state is not None
+            return self._snapshot, self._state
 
     def _refresh(self) -> None:
         if self._snapshot is None or self.manifest.generation() != self._snapshot.generation:
@@ -443,36 +352,5 @@ class MergeStore:
         self.recover()
         self._reload()
 
-    def _fsync_directories(self) -> None:
-        self._step("fsync store directories")
-        fsync_directory(self.directory / RESIDUAL_DIR)
-        fsync_directory(self.directory)
-
-    @contextmanager
-    def _locked(self, exclusive: bool = True) -> Iterator[None]:
-        # Re-entrant within one store object; an outer shared lock must not be upgraded.
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-            return
-
-        fcntl.flock(self._lock_file, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        self._lock_depth = 1
-        try:
-            yield
-        finally:
-            self._lock_depth = 0
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    def _locked(self, exclusive: bool = True) -> Any:
+        return self._lock.held(exclusive)
