@@ -55,7 +55,7 @@ class EncodedResidual:
 
     def unpacked_mask(self, name: str, numel: int) -> np.ndarray:
         """Return the flat bool mask of tensor `name`."""
-        return np.unpackbits(self.tensors[name].mask, count=numel).astype(bool)
+        return np.unpackbits(self.tensors[name].mask, count=numel).view(bool)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Return the flat `{name}/mask` and `{name}/magnitude` arrays of the wire format."""
@@ -192,10 +192,15 @@ def _check_magnitude(name: str, mask: np.ndarray, magnitude: np.ndarray) -> None
             f"{field}: expected a 1-D float32 or float16 array, got {magnitude.ndim}-D {magnitude.dtype}"
         )
 
-    set_bits = int(np.unpackbits(mask).sum())
+    set_bits = int(np.bitwise_count(mask).sum())
     if magnitude.size != set_bits:
         raise InvalidResidualError(f"{field}: mask has {set_bits} set bits but {magnitude.size} magnitudes were sent")
-    if not np.isfinite(magnitude).all():
+    if not magnitude.size:
+        return
+
+    # min and max propagate NaN, so two reductions check all values without a temporary array.
+    low, high = float(magnitude.min()), float(magnitude.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise InvalidResidualError(f"{field}: contains NaN or Inf")
-    if not (magnitude > 0).all():
+    if not low > 0:
         raise InvalidResidualError(f"{field}: magnitudes at set mask bits must be positive")

@@ -60,16 +60,23 @@ class FixedPointFormat:
         OutOfRangeError
             If a value is NaN, Inf or larger than `max_magnitude`.
         """
-        values = np.asarray(magnitude, dtype=np.float64)
-        if not np.isfinite(values).all():
+        values = np.array(magnitude, dtype=np.float64)
+        low = float(values.min(initial=0.0))
+        high = float(values.max(initial=0.0))
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise OutOfRangeError(f"{field}: contains NaN or Inf")
-        largest = float(np.abs(values).max(initial=0.0))
+        largest = max(abs(low), abs(high))
         if largest > self.max_magnitude:
             raise OutOfRangeError(
                 f"{field}: magnitude {largest:.6g} exceeds the accumulator's limit of {self.max_magnitude:g}"
             )
-        return np.rint(np.ldexp(values, self.fraction_bits)).astype(np.int64)
+        np.ldexp(values, self.fraction_bits, out=values)
+        np.rint(values, out=values)
+        return values.astype(np.int64)
 
     def to_float(self, units: np.ndarray, divisor: np.ndarray | int) -> np.ndarray:
         """Return units * resolution / divisor as float32, computed in float64."""
-        return (np.ldexp(units.astype(np.float64), -self.fraction_bits) / divisor).astype(np.float32)
+        values = units.astype(np.float64)
+        np.ldexp(values, -self.fraction_bits, out=values)
+        np.divide(values, divisor, out=values)
+        return values.astype(np.float32)
