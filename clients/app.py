@@ -1,7 +1,7 @@
 """ClientApp: SIFT finetuning once from θ0, sparse upload, masked evaluation and withdrawal requests.
 
 A client keeps its own encoded residual (and so its mask) in the node's Flower state for
-the rest of the run. In a later run on the same store the node no longer holds it, so
+the rest of the run. In a later run on the same store the node no longer has it, so
 the server sends the client's own mask with the evaluate message.
 
 A client asks to be unmerged by answering the server's identify query with a withdrawal
@@ -59,7 +59,7 @@ def _partition(context: Context, spec: RunSpec) -> int:
 
 
 def identify(message: Message, context: Context, withdraw_requests: Iterable[str] = ()) -> Message:
-    """Answer the identify query: client id, whether this node holds its residual, and any withdrawal request."""
+    """Reply to the identify query with the client id, whether this node has its residual, and any withdrawal request."""
     client_id = protocol.client_id_from_node_config(context.node_config)
     withdraw = query.wants_withdrawal(client_id, context.node_config, set(withdraw_requests))
     if withdraw:
@@ -77,7 +77,7 @@ def identify(message: Message, context: Context, withdraw_requests: Iterable[str
 def train(message: Message, context: Context, withdraw_requests: Iterable[str] = ()) -> Message:
     """Finetune with SIFT (and plain finetuning as a baseline) and upload the sparse residual.
 
-    A client that asks to withdraw does not train and answers with the withdrawal request.
+    A client that requests withdrawal does not train, and its reply carries the withdrawal request.
     """
     torch.set_num_threads(1)
     client_id = protocol.client_id_from_node_config(context.node_config)
@@ -180,7 +180,7 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def _own_mask_from_message(message: Message, base: BaseModel, client_id: str) -> dict[str, np.ndarray]:
     if query.OWN_MASK not in message.content.array_records:
-        raise RuntimeError(f"client {client_id}: the server serves a masked model but sent no mask and this node holds no residual")
+        raise RuntimeError(f"client {client_id}: the server serves a masked model, but the message has no mask and this node has no residual")
     packed = record_to_arrays(message.content[query.OWN_MASK])
     return {
         tensor.name: np.unpackbits(packed[tensor.name + MASK_SUFFIX], count=tensor.numel).astype(bool)

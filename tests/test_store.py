@@ -163,6 +163,19 @@ def test_withdraw_leaves_no_residual_bytes(tmp_path):
     assert files_containing(tmp_path, needles) == []
 
 
+def test_withdraw_leaves_no_manifest_row_bytes(tmp_path):
+    store = build(tmp_path, ["a", "b", "c"])
+    row = store.clients["b"]
+    needles = [row.sha256.encode("ascii"), row.residual_file.encode("ascii")]
+    before = files_containing(tmp_path, needles)
+
+    store.withdraw("b")
+
+    # secure_delete zeroes the deleted row and the WAL checkpoint truncates its old copy.
+    assert before != []
+    assert files_containing(tmp_path, needles) == []
+
+
 def test_withdraw_checkpoints_wal(tmp_path):
     store = build(tmp_path, ["a", "b"])
 
@@ -256,7 +269,7 @@ def test_store_open_rejects_identity_mismatch(tmp_path, changed, field):
 def test_store_create_twice_raises(tmp_path):
     build(tmp_path, []).close()
 
-    with pytest.raises(StoreError, match="already holds a store"):
+    with pytest.raises(StoreError, match="already contains a store"):
         MergeStore.create(tmp_path, IDENTITY)
 
 

@@ -1,4 +1,4 @@
-"""The identify query: a node reports its client id, whether it holds its residual, and whether it withdraws.
+"""Identify query: a node reports its client id, whether it has its residual, and whether it withdraws.
 
 At the start of every run the ServerApp sends `query.identify` to every node. The reply's
 `meta` record carries `client-id`, `has-residual` and `withdraw-request`. A withdrawal
@@ -20,7 +20,7 @@ WITHDRAW_REQUEST = "withdraw-request"
 HAS_RESIDUAL = "has-residual"
 
 # Record with the client's own packed mask, sent in an evaluate message to a merged
-# client whose node no longer holds its residual (a later run or a restarted node).
+# client whose node no longer has its residual (a later run or a restarted node).
 OWN_MASK = "own-mask"
 
 _TRUE = ("true", "1", "yes")

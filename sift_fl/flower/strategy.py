@@ -35,7 +35,7 @@ class SiftMasksStrategy(Strategy):
     """Merge SIFT residuals into a durable store, serve each client through its own mask, unlearn on request.
 
     Every client trains once from θ0 and uploads once. Rounds only admit clients that the
-    store holds neither as merged nor as withdrawn, so no residual ever depends on another
+    store lists neither as merged nor as withdrawn, so no residual ever depends on another
     client, and a later run on the same store does not retrain anyone.
 
     Parameters
@@ -96,7 +96,7 @@ class SiftMasksStrategy(Strategy):
         return config
 
     def identify(self, grid: Grid, timeout: float) -> None:
-        """Ask every node for its client id; unmerge the clients whose reply asks to withdraw."""
+        """Query every node for its client id, and unmerge the clients whose reply requests withdrawal."""
         content = RecordDict({protocol.CONFIG: ConfigRecord(self._base_config())})
         messages = [Message(content=content, message_type=query.IDENTIFY_MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
         for reply in grid.send_and_receive(messages, timeout=timeout):

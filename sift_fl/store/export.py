@@ -40,7 +40,7 @@ class ExportError(StoreError):
 
 @dataclass(frozen=True)
 class ExportResult:
-    """Where the model went, whether it was masked, and the files written."""
+    """Output directory, served kind (masked or unmasked) and the files in the directory."""
 
     directory: Path
     served: str

@@ -57,7 +57,7 @@ def write_atomically(path: Path, data: bytes, step: StepHook = no_step) -> None:
 def shred(path: Path, step: StepHook = no_step) -> None:
     """Overwrite a file with zeros, fsync it, then delete it.
 
-    On copy-on-write file systems and SSDs the old blocks may survive on the device; the
+    On copy-on-write file systems and SSDs the old blocks may survive on the device. The
     overwrite only ensures that no file under the store directory keeps the bytes.
     """
     step(f"overwrite {path.name}")

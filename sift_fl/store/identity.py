@@ -1,4 +1,4 @@
-"""What a store is bound to: parameter layout, base model θ0, sign seed and number format.
+"""Store identity: the parameter layout, base model θ0, sign seed and number format a store is bound to.
 
 A store records these when it is created and rejects any later use with different ones,
 because residuals merged under one θ0, sign vector or resolution cannot be mixed with

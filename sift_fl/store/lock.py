@@ -11,7 +11,7 @@ from pathlib import Path
 class StoreLock:
     """An flock on one lock file, re-entrant within the object that holds it.
 
-    A nested `held` call reuses the outer lock whatever mode it asks for, so callers
+    A nested `held` call reuses the outer lock in the outer lock's mode, so callers
     must not request an exclusive lock inside a shared one.
     """
 

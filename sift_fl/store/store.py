@@ -91,7 +91,7 @@ class MergeStore:
         Raises
         ------
         StoreError
-            If the directory already holds a store.
+            If the directory already contains a store.
         """
         directory = Path(directory)
         (directory / RESIDUAL_DIR).mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ class MergeStore:
         Raises
         ------
         StoreError
-            If `directory` holds no complete store or its files do not match the manifest.
+            If `directory` contains no complete store or its files do not match the manifest.
         StoreMismatchError
             If `expected` is given and differs from the identity the store was created with.
         """
@@ -150,7 +150,7 @@ class MergeStore:
         run_spec: dict[str, Any] | None = None,
         step_hook: StepHook | None = None,
     ) -> MergeStore:
-        """Open the store in `directory` if it holds one, else create it."""
+        """Open the store in `directory` if it contains one, else create it."""
         directory = Path(directory)
         manifest_path = directory / MANIFEST_NAME
         if manifest_path.is_file():

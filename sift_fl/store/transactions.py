@@ -38,12 +38,12 @@ def write_creation(directory: Path, identity: StoreIdentity, extra_meta: dict[st
     Raises
     ------
     StoreError
-        If the directory already holds a store.
+        If the directory already contains a store.
     """
     manifest = Manifest(directory / MANIFEST_NAME)
     try:
         if manifest.initialised():
-            raise StoreError(f"{directory} already holds a store; open it instead of creating a new one")
+            raise StoreError(f"{directory} already contains a store; open it with MergeStore.open instead of creating one")
         state = MergeState(identity.layout, SignVector(identity.sign_seed, identity.layout), identity.number_format)
         write_atomically(directory / accumulator_name(0), accumulator_to_bytes(state))
         meta = {**identity.to_meta(), **extra_meta, "created-at": repr(time.time())}
@@ -87,7 +87,7 @@ def write_withdrawal(
     manifest.commit_withdrawal(client_id, time.time(), generation, accumulator_name(generation), state.digest(), step)
     seconds = time.perf_counter() - started
 
-    # The WAL still holds the deleted manifest row until it is checkpointed. The replaced
+    # The WAL still contains the deleted manifest row until it is checkpointed. The replaced
     # accumulator minus the new one equals the client's residual, so it is shredded too.
     step("checkpoint manifest")
     manifest.checkpoint()

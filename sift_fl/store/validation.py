@@ -34,7 +34,7 @@ class RejectedUploadError(ValueError):
 class Upload:
     """One client's upload: its id, the wire arrays of its residual and the digests it trained against.
 
-    `arrays` holds `{name}/mask` (uint8 packbits of the mask) and `{name}/magnitude`
+    `arrays` contains `{name}/mask` (uint8 packbits of the mask) and `{name}/magnitude`
     (float32 or float16 |τ| at the set bits) for every tensor of the layout.
     """
 
@@ -63,10 +63,10 @@ def validate_upload(upload: Upload, identity: StoreIdentity, max_bytes: int) -> 
     Raises
     ------
     RejectedUploadError
-        If the client id is invalid; a digest or the sign seed differs from the store's; a
-        tensor name, dtype or shape is wrong; the magnitude count differs from the mask's set
-        bits; a magnitude is NaN, Inf, not positive (a sign opposite to the sign vector) or
-        above the number format's max magnitude; or the payload exceeds `max_bytes`.
+        If the client id is invalid, or a digest or the sign seed differs from the store's.
+        If a tensor name, dtype or shape is wrong, or the magnitude count differs from the
+        mask's set bits. If a magnitude is NaN, Inf, not positive (a sign opposite to the sign
+        vector) or above the number format's max magnitude, or the payload exceeds `max_bytes`.
     """
     client_id = check_client_id(upload.client_id)
     _check_binding(upload, identity)

@@ -28,10 +28,10 @@ class VerifyReport:
 def verify_store(store: MergeStore) -> VerifyReport:
     """Recompute the merge from the stored residuals in sorted client-id order and compare.
 
-    Checks that every residual file matches the sha256 in the manifest and fits the
-    layout, that the persisted accumulator (sums, coverage, members) equals a from-scratch
-    merge of those residuals bit for bit, that τ̄ computed from both is bit-identical, and
-    that the directory holds no tensor file the manifest does not reference.
+    The checks: every residual file matches the sha256 in the manifest and fits the layout.
+    The persisted accumulator (sums, coverage, members) equals a from-scratch merge of those
+    residuals bit for bit, and τ̄ computed from both is bit-identical. The directory contains
+    no tensor file that the manifest does not reference.
     """
     report = VerifyReport()
     identity = store.identity
