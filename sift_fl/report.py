@@ -108,7 +108,11 @@ def report_problems(report: dict[str, Any], expected_clients: int) -> list[str]:
     Flower exits normally even when every client failed, so callers check the report instead.
     """
     problems = []
-    merged = len(report.get("merged_clients", [])) + sum(1 for w in report.get("withdrawals", []) if w.get("status") == "withdrawn")
+    # A client withdrawn in this run or an earlier run on the same store was merged at some point.
+    withdrawn = set(report.get("withdrawn_clients", [])) | {
+        w["client"] for w in report.get("withdrawals", []) if w.get("status") == "withdrawn"
+    }
+    merged = len(set(report.get("merged_clients", [])) | withdrawn)
     if merged < expected_clients:
         problems.append(f"only {merged} of {expected_clients} clients were merged")
     for failure in report.get("failures", []):
