@@ -147,19 +147,27 @@ def interleaved_times(
     repeats: int,
     warmup: int = 1,
 ) -> dict[str, list[float]]:
-    """Time each function `repeats` times, alternating between them so that load drifts hit all alike.
+    """Time each function `repeats` times, interleaved so that load drifts hit all alike.
 
-    Returns the list of seconds per function name. `warmup` untimed rounds run first.
+    Returns the list of seconds per function name, in repeat order. The order within a
+    round reverses every other round (A B, B A, ...), so neither function always runs
+    first. `warmup` untimed rounds run first.
     """
     for _ in range(warmup):
         for function in functions.values():
             function()
 
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            samples[name].append(time_call(function))
+    names = list(functions)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            samples[name].append(time_call(functions[name]))
     return samples
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Return the median over repeats of numerator / denominator, each pair measured side by side."""
+    return median([n / d for n, d in zip(numerators, denominators, strict=True)])
 
 
 def median(samples: list[float]) -> float:

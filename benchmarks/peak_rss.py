@@ -1,7 +1,7 @@
 """Server peak RSS while merging N residuals streamed from files, in fresh processes.
 
 Each measurement runs `python -m benchmarks.peak_rss MANIFEST --mode MODE --clients N` in
-a new process and reads its peak resident set size (`ru_maxrss`). The baseline mode
+a new process and reads its peak resident set size (VmHWM). The baseline mode
 imports the same modules and merges nothing, so the difference is what merging costs.
 """
 
@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import logging
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -94,8 +93,20 @@ def _worker(manifest: Path, mode: str, clients: int) -> dict[str, Any]:
                 residual = residual_from_file(path, files.layout, sha256[str(path)])
             state.add(client_id, residual)
             del residual
-    # ru_maxrss is in KiB on Linux.
-    return {"mode": mode, "clients": clients, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"mode": mode, "clients": clients, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> int:
+    """Return this process's peak resident set size (VmHWM in /proc/self/status).
+
+    `ru_maxrss` is not used because Linux keeps it across `execve`, so a worker started by
+    a large parent would report at least the parent's RSS at fork time.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status; peak RSS needs Linux")
 
 
 def main() -> None:

@@ -17,13 +17,17 @@ import numpy as np
 from sift_fl.codec import EncodedResidual, InvalidResidualError
 from sift_fl.fixed_point import FixedPointFormat, OutOfRangeError
 from sift_fl.layout import ParameterLayout, TensorSpec
-from sift_fl.sign import SignVector
+from sift_fl.sign import SignVector, positive_signs
 
 logger = logging.getLogger(__name__)
 
-# Coordinates per block of `_accumulate_tensor`: its float32, float32 and int64 block
-# buffers (1 MiB in all) fit in a typical per-core L2 cache.
+# Coordinates per block of `_accumulate_tensor` and `_masked_sum`, so that a block's
+# temporaries stay in the CPU cache. 2**16 was the fastest of 2**14..2**17 for a 22.7M
+# parameter residual on a 2-core AMD EPYC VM.
 _BLOCK = 1 << 16
+_ROUNDING_CONSTANT = np.float64(1.5 * 2**52)
+_ROUNDING_CONSTANT_BITS = _ROUNDING_CONSTANT.view(np.int64)
+_ROUNDING_LIMIT = 2**51
 
 
 class MergeState:
@@ -52,6 +56,13 @@ class MergeState:
         self.coverage = {spec.name: np.zeros(spec.numel, dtype=np.int32) for spec in layout.tensors}
         self.members: set[str] = set()
 
+        # The signs are kept packed, at 1 bit per coordinate instead of numpy's 1 byte per bool.
+        # They are computed now, while the sums are still untouched zero pages, so the sign
+        # hash's temporaries stay out of the peak memory of the first merge.
+        self._packed_signs = {
+            spec.name: np.packbits(positive_signs(sign_vector.seed, spec.name, spec.numel)) for spec in layout.tensors
+        }
+
     @property
     def count(self) -> int:
         return len(self.members)
@@ -78,11 +89,17 @@ class MergeState:
         # Check every tensor before touching the sums, so a rejected residual changes nothing.
         checked = {spec.name: self._checked_arrays(client_id, residual, spec) for spec in self.layout.tensors}
 
-        scale = 2.0**self.number_format.fraction_bits
         for spec in self.layout.tensors:
             mask, magnitude = checked[spec.name]
-            positive = self.sign_vector.positive(spec.name)
-            _accumulate_tensor(self.sums[spec.name], self.coverage[spec.name], mask, magnitude, positive, scale, operation)
+            _accumulate_tensor(
+                self.sums[spec.name],
+                self.coverage[spec.name],
+                mask,
+                magnitude,
+                self._packed_signs[spec.name],
+                self.number_format,
+                operation,
+            )
 
     def _checked_arrays(
         self, client_id: str, residual: EncodedResidual, spec: TensorSpec
@@ -175,8 +192,8 @@ def _accumulate_tensor(
     coverage: np.ndarray,
     mask: np.ndarray,
     magnitude: np.ndarray,
-    positive: np.ndarray,
-    scale: float,
+    packed_signs: np.ndarray,
+    number_format: FixedPointFormat,
     operation: np.ufunc,
 ) -> None:
     """Add (or subtract) one tensor's quantized signed magnitudes and mask into the sums.
@@ -191,8 +208,11 @@ def _accumulate_tensor(
     block = min(_BLOCK, numel)
     dense = np.empty(block, dtype=magnitude.dtype if magnitude.dtype == np.float64 else np.float32)
     factor = np.empty(block, dtype=dense.dtype)
+    wide = np.empty(block, dtype=np.float64)
     units = np.empty(block, dtype=np.int64)
+    scale = 2.0**number_format.fraction_bits
     positive_scale, twice_scale = dense.dtype.type(scale), dense.dtype.type(2 * scale)
+    use_rounding_constant = number_format.max_units < _ROUNDING_LIMIT
 
     offset = 0
     for start in range(0, numel, block):
@@ -207,15 +227,31 @@ def _accumulate_tensor(
         offset += index.size
 
         signed_scale = factor[:size]
-        np.multiply(positive[start:stop], twice_scale, out=signed_scale)
+        positive = np.unpackbits(packed_signs[start // 8 : (stop + 7) // 8], count=size).view(bool)
+        np.multiply(positive, twice_scale, out=signed_scale)
         np.subtract(signed_scale, positive_scale, out=signed_scale)
         np.multiply(values, signed_scale, out=values)
-        np.rint(values, out=values)
         block_units = units[:size]
-        np.copyto(block_units, values, casting="unsafe")
+        if use_rounding_constant:
+            _round_to_int64(values, wide[:size], block_units)
+        else:
+            np.rint(values, out=values)
+            np.copyto(block_units, values, casting="unsafe")
 
         operation(sums[start:stop], block_units, out=sums[start:stop])
         operation(coverage[start:stop], bits, out=coverage[start:stop], casting="unsafe")
+
+
+def _round_to_int64(values: np.ndarray, wide: np.ndarray, units: np.ndarray) -> None:
+    """Write rint(values) to `units`, for |values| < 2**51, faster than rint and a float cast.
+
+    Adding 1.5 * 2**52 in float64 leaves a sum in [2**52, 2**53), where the spacing of
+    doubles is 1, so the addition itself rounds half to even. In that range a double's bit
+    pattern minus the constant's bit pattern is the integer it represents minus the constant.
+    """
+    np.copyto(wide, values)
+    np.add(wide, _ROUNDING_CONSTANT, out=wide)
+    np.subtract(wide.view(np.int64), _ROUNDING_CONSTANT_BITS, out=units)
 
 
 def apply_residual(

@@ -290,3 +290,18 @@ def test_from_arrays_magnitude_errors(corrupt, message):
 
     with pytest.raises(InvalidResidualError, match=message):
         from_arrays(arrays, LAYOUT)
+
+
+def test_merge_ties_match_reference():
+    layout = ParameterLayout((TensorSpec("w", (41,), "float32"),))
+    signs = SignVector(3, layout)
+    magnitude = (np.arange(1, 42, dtype=np.float32) / 4).astype(np.float32)
+    residual = EncodedResidual({"w": EncodedTensor(np.packbits(np.ones(41, dtype=bool)), magnitude)})
+    number_format = FixedPointFormat(1, 16.0)
+    state = MergeState(layout, signs, number_format)
+
+    state.add("0", residual)
+
+    sums, _ = reference_sums(layout, signs, [residual], number_format)
+    assert np.array_equal(state.sums["w"], sums["w"])
+    assert set(np.abs(state.sums["w"][:4]).tolist()) == {0, 1, 2}
