@@ -154,7 +154,7 @@ def evaluate(message: Message, context: Context) -> Message:
     if own is not None:
         sign_vector = SignVector(spec.sign_seed, base.layout)
         residual = record_to_residual(own, base.layout)
-        metrics[protocol.ACCURACY_KEYS["local"]] = score(decode_residual(residual, base.layout, sign_vector))
+        metrics[protocol.ACCURACY_KEYS["local_sift"]] = score(decode_residual(residual, base.layout, sign_vector))
         if served == protocol.SERVED_MASKED:
             mask = {spec_.name: residual.unpacked_mask(spec_.name, spec_.numel) for spec_ in base.layout.tensors}
     elif served == protocol.SERVED_MASKED:
@@ -166,7 +166,7 @@ def evaluate(message: Message, context: Context) -> Message:
         metrics[protocol.ACCURACY_KEYS["ft_merge"]] = score(record_to_arrays(message.content[protocol.FT_MEAN]))
         own_ft = context.state.get(protocol.FT_RESIDUAL)
         if own_ft is not None:
-            metrics[protocol.ACCURACY_KEYS["local_ft"]] = score(record_to_arrays(own_ft))
+            metrics[protocol.ACCURACY_KEYS["local"]] = score(record_to_arrays(own_ft))
     load_values(base.parameters, base.theta0)
 
     content = RecordDict(

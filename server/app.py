@@ -22,8 +22,9 @@ from sift_fl.store import MergeStore, StoreIdentity, content_digest
 
 
 def parse_client_ids(value: Any) -> list[str]:
-    """Parse a comma-separated list of client ids ("" gives none)."""
-    return [part.strip() for part in str(value).split(",") if part.strip()]
+    """Parse a comma-separated list of client ids ("" gives none), dropping repeats."""
+    ids = [part.strip() for part in str(value).split(",") if part.strip()]
+    return list(dict.fromkeys(ids))
 
 
 @contextmanager

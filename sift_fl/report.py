@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-METHODS = ("local", "local_ft", "ft_merge", "sift_merge", "sift_masks", "sift_masks_coverage")
+METHODS = ("local", "local_sift", "ft_merge", "sift_merge", "sift_masks", "sift_masks_coverage")
 METRIC_KEYS = {method: "accuracy-" + method.replace("_", "-") for method in METHODS}
 
 

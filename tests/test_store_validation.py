@@ -176,5 +176,6 @@ def test_random_corruption_rejected(store, bad):
         store.join(bad)
 
     assert raised.value.client_id == bad.client_id
-    assert "/" in raised.value.field
+    # A wider dtype can push the upload over the size limit before any tensor is checked.
+    assert "/" in raised.value.field or raised.value.field == "payload size"
     assert fingerprint(store) == before

@@ -33,7 +33,8 @@ def simulate(args: argparse.Namespace) -> int:
     from sift_fl.report import format_table, report_problems
 
     if args.clients < 1:
-        raise SystemExit("--clients must be at least 1")
+        raise SystemExit(f"error: --clients must be at least 1, got {args.clients}")
+    _check_withdraw_ids(args)
     report_path = Path(args.report or Path(tempfile.mkdtemp(prefix="sift-fl-")) / "report.json").resolve()
     if report_path.exists():
         report_path.unlink()
@@ -51,6 +52,7 @@ def simulate(args: argparse.Namespace) -> int:
         "store-dir": str(Path(args.store).resolve()) if args.store else "",
     }
     if args.setting == "bbc":
+        overrides["mode"] = args.mode
         overrides["trainable-layers"] = args.trainable_layers
         overrides["max-length"] = args.max_length
         _prepare_bbc_cache(args)
@@ -81,11 +83,27 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_withdraw_ids(args: argparse.Namespace) -> None:
+    # Without a store, only this run's clients (partition ids 0..N-1) can be withdrawn: fail before training.
+    from server.app import parse_client_ids
+
+    if args.store:
+        return
+    valid = {str(i) for i in range(args.clients)}
+    for option, value in (("--withdraw", args.withdraw), ("--client-withdraw", getattr(args, "client_withdraw", ""))):
+        unknown = [client for client in parse_client_ids(value) if client not in valid]
+        if unknown:
+            raise SystemExit(
+                f"error: {option} names clients {', '.join(unknown)}, but a run with --clients {args.clients} "
+                f"has clients 0 to {args.clients - 1}; pass --store DIR to withdraw clients merged in an earlier run"
+            )
+
+
 def _prepare_bbc_cache(args: argparse.Namespace) -> None:
     # Compute the frozen-layer features once here, with a progress bar, before clients start.
     from sift_fl.settings.bbc import BbcSetting
 
-    BbcSetting(trainable_layers=args.trainable_layers, max_length=args.max_length).frozen_features()
+    BbcSetting(trainable_layers=args.trainable_layers, max_length=args.max_length, mode=args.mode).frozen_features()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -105,8 +123,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the partition and the local splits")
     parser.add_argument("--steps", type=int, default=0, help="local optimizer steps (0: the setting's default)")
     parser.add_argument("--classes-per-client", type=int, default=2, help="labels in each client's partition (label skew)")
+    parser.add_argument(
+        "--mode",
+        choices=("head", "top-layers", "lora"),
+        default="top-layers",
+        help="bbc: trainable set: the head only, the top encoder layers and the head, or LoRA (frozen shared A) and the head",
+    )
     parser.add_argument("--trainable-layers", type=int, default=1, help="bbc: number of top encoder layers trained")
     parser.add_argument("--max-length", type=int, default=128, help="bbc: tokens per article")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU cores for simulated clients")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU cores for simulated clients (default: all cores)")
     parser.add_argument("--no-baselines", action="store_true", help="skip plain finetuning (FT+Merge baseline)")
     parser.set_defaults(handler=simulate)

@@ -19,7 +19,7 @@ SERVED_UNMASKED = "unmasked"
 # Accuracy metrics returned by evaluation, one per method.
 ACCURACY_KEYS = {
     "local": "accuracy-local",
-    "local_ft": "accuracy-local-ft",
+    "local_sift": "accuracy-local-sift",
     "ft_merge": "accuracy-ft-merge",
     "sift_merge": "accuracy-sift-merge",
     "sift_masks": "accuracy-sift-masks",

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from sift_fl.codec import MASK_SUFFIX
 from sift_fl.flower import protocol, query
+from sift_fl.flower.exchange import send_and_collect
 from sift_fl.flower.records import arrays_to_record, record_to_arrays
 from sift_fl.run_spec import BaseModel, RunSpec
 from sift_fl.store import MergeStore, RejectedUploadError, UnknownClientError, Upload, verify_store
@@ -99,7 +100,7 @@ class SiftMasksStrategy(Strategy):
         """Query every node for its client id, and unmerge the clients whose reply requests withdrawal."""
         content = RecordDict({protocol.CONFIG: ConfigRecord(self._base_config())})
         messages = [Message(content=content, message_type=query.IDENTIFY_MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        for reply in send_and_collect(grid, messages, timeout, "identify"):
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 self._fail(node_id, "?", f"identify query failed: {reply.error.reason}")
@@ -286,13 +287,13 @@ class SiftMasksStrategy(Strategy):
 
         for server_round in range(1, num_rounds + 1):
             log(INFO, "[ROUND %d/%d] admitting clients that are not in the store", server_round, num_rounds)
-            replies = grid.send_and_receive(self.configure_train(server_round, empty, train_config, grid), timeout=timeout)
+            replies = send_and_collect(grid, self.configure_train(server_round, empty, train_config, grid), timeout, "train")
             _, train_metrics = self.aggregate_train(server_round, replies)
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
 
             self._phase = "merged"
-            replies = grid.send_and_receive(self.configure_evaluate(server_round, empty, evaluate_config, grid), timeout=timeout)
+            replies = send_and_collect(grid, self.configure_evaluate(server_round, empty, evaluate_config, grid), timeout, "evaluate")
             evaluate_metrics = self.aggregate_evaluate(server_round, replies)
             if evaluate_metrics is not None:
                 log(INFO, "\t└──> mean accuracies: %s", evaluate_metrics)
@@ -306,7 +307,7 @@ class SiftMasksStrategy(Strategy):
                     self._fail("-", client_id, f"withdrawal requested by the run config failed: {error}")
             self._phase = "after-withdrawal"
             after_round = num_rounds + 1
-            replies = grid.send_and_receive(self.configure_evaluate(after_round, empty, evaluate_config, grid), timeout=timeout)
+            replies = send_and_collect(grid, self.configure_evaluate(after_round, empty, evaluate_config, grid), timeout, "evaluate after withdrawal")
             evaluate_metrics = self.aggregate_evaluate(after_round, replies)
             if evaluate_metrics is not None:
                 result.evaluate_metrics_clientapp[after_round] = evaluate_metrics

@@ -1,0 +1,44 @@
+"""Send messages and collect replies, logging progress and the nodes that never replied."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+POLL_SECONDS = 1.0
+
+
+def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:
+    """Push `messages`, then pull replies until all arrived or `timeout` seconds passed.
+
+    Logs each time new replies arrive ("train: 5/20 replies after 12s"), so a long round is
+    not silent, and logs a warning naming the nodes whose replies are missing at the timeout.
+    """
+    messages = list(messages)
+    destinations = {}
+    started = time.monotonic()
+    pending = set()
+    for message_id, message in zip(grid.push_messages(messages), messages):
+        pending.add(message_id)
+        destinations[message_id] = message.metadata.dst_node_id
+
+    total = len(pending)
+    replies: list[Message] = []
+    while pending and time.monotonic() - started < timeout:
+        new = list(grid.pull_messages(pending))
+        if new:
+            replies.extend(new)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in new)
+            log(INFO, "%s: %d/%d replies after %.0fs", label, len(replies), total, time.monotonic() - started)
+        elif pending:
+            time.sleep(POLL_SECONDS)
+
+    if pending:
+        missing = sorted(str(destinations[message_id]) for message_id in pending)
+        log(WARNING, "%s: timed out after %.0fs waiting for nodes %s", label, timeout, ", ".join(missing))
+    return replies
