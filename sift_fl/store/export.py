@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
+from sift_fl.hf.export import plain_model_values
 from sift_fl.merge import apply_residual
 from sift_fl.run_spec import BaseModel, RunSpec, load_base_model
 from sift_fl.store.identity import StoreError
@@ -52,7 +53,8 @@ def export_served_model(store: MergeStore, client_id: str, out_dir: str | Path, 
 
     For the bbc setting, `out_dir` receives the full MiniLM `BertModel` with the served
     top encoder layers (`save_pretrained`, loadable with `AutoModel.from_pretrained`),
-    its tokenizer, and the classification head as `head.safetensors`. For other settings
+    its tokenizer, and the classification head as `head.safetensors`; in LoRA mode the
+    adapters are merged into the encoder weights first. For other settings
     it receives the model's full state dict as `model.safetensors`. Both get a
     `sift-fl-served.json` that records the client, the served kind and the store digests.
 
@@ -92,7 +94,7 @@ def export_served_model(store: MergeStore, client_id: str, out_dir: str | Path, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if base.setting.name == "bbc":
-        _write_transformers(values, out)
+        _write_transformers(plain_model_values(base, values), out)
     else:
         _write_state_dict(base, values, out)
     (out / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
