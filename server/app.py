@@ -21,6 +21,24 @@ from sift_fl.run_spec import BaseModel, RunSpec, load_base_model
 from sift_fl.store import MergeStore, StoreIdentity, content_digest
 
 
+def parse_flag(value: Any, key: str) -> bool:
+    """Parse a boolean run config value (a TOML bool, or "true"/"false").
+
+    Raises
+    ------
+    ValueError
+        If the value is neither, naming the key.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"run config key {key} must be true or false, got {value!r}")
+
+
 def parse_client_ids(value: Any) -> list[str]:
     """Parse a comma-separated list of client ids ("" gives none), dropping repeats."""
     ids = [part.strip() for part in str(value).split(",") if part.strip()]
@@ -65,6 +83,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -> di
             min_clients=num_clients,
             withdraw=parse_client_ids(run_config.get("withdraw", "")),
             node_wait_seconds=float(run_config.get("node-wait-seconds", 600)),
+            bind_node_keys=parse_flag(run_config.get("bind-node-keys", False), "bind-node-keys"),
         )
         started = time.perf_counter()
         strategy.start(grid, num_rounds=int(run_config.get("rounds", 1)), timeout=float(run_config.get("timeout", 3600)))
@@ -93,6 +112,9 @@ def _report(strategy: SiftMasksStrategy, spec: RunSpec, base: BaseModel, num_cli
             "merge_digest": store.state.digest(),
             "store_dir": store_dir,
             "store_content_digest": content_digest(store),
+            "node_key_bindings": sorted(store.node_keys(), key=lambda c: (len(c), c)),
+            "rejected_nodes": [r.__dict__ for r in strategy.nodes.rejections],
+            "own_masks_sent": sorted(strategy.own_masks_sent, key=lambda c: (len(c), c)),
             "layout_digest": base.layout_digest,
             "base_digest": base.base_digest,
             "trainable_parameters": base.layout.num_parameters,

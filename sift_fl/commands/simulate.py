@@ -63,7 +63,7 @@ def simulate(args: argparse.Namespace) -> int:
     }
     run_simulation(
         server_app=make_server_app(overrides),
-        client_app=make_client_app(parse_client_ids(args.client_withdraw)),
+        client_app=make_client_app(parse_client_ids(args.client_withdraw), Path(args.client_state).resolve() if args.client_state else None),
         num_supernodes=args.clients,
         backend_config=backend_config,
     )
@@ -117,6 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--client-withdraw", default="", help="comma-separated client ids whose ClientApp asks the server to unmerge it"
+    )
+    parser.add_argument(
+        "--client-state",
+        default="",
+        help="directory where each simulated client keeps its residual between runs, in a subdirectory named by its client id "
+        "(default: clients keep it for one run only)",
     )
     parser.add_argument("--report", default="", help="path of the JSON report (default: a new temporary directory)")
     parser.add_argument("--sign-seed", type=int, default=20250406, help="public seed of the sign vector")

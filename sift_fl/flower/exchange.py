@@ -1,4 +1,4 @@
-"""Send messages and collect replies, logging progress and the nodes that never replied."""
+"""Wait for nodes, send messages and collect replies, logging progress and the nodes that never replied."""
 
 from __future__ import annotations
 
@@ -42,3 +42,19 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, la
         missing = sorted(str(destinations[message_id]) for message_id in pending)
         log(WARNING, "%s: timed out after %.0fs waiting for nodes %s", label, timeout, ", ".join(missing))
     return replies
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> None:
+    """Wait until at least `min_nodes` nodes are connected, logging the count every second.
+
+    Raises
+    ------
+    TimeoutError
+        If fewer than `min_nodes` nodes are connected after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < min_nodes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {connected} of {min_nodes} nodes connected within {timeout:.0f}s")
+        log(INFO, "Waiting for nodes: %d connected, %d required", connected, min_nodes)
+        time.sleep(POLL_SECONDS)

@@ -1,10 +1,12 @@
 """Identify query: a node reports its client id, whether it has its residual, and whether it withdraws.
 
 At the start of every run the ServerApp sends `query.identify` to every node. The reply's
-`meta` record carries `client-id`, `has-residual` and `withdraw-request`. A withdrawal
-request is authorised by the identity the node itself reports, which comes from its node
-config, never from the server. A node that still receives a train message after asking
-to withdraw answers it with the same flag and no residual.
+`meta` record carries `client-id`, `has-residual`, `residual-digest` and `withdraw-request`.
+The client id comes from the node config, never from the server. The ServerApp acts on a
+withdrawal request only from a node it admits for that client id: without node-key
+binding, any node that reports the id; with it, only a node whose authenticated key is
+bound to the id (see `sift_fl.deployment.node_identity`). A node that still receives a
+train message after asking to withdraw answers it with the same flag and no residual.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ IDENTIFY_MESSAGE_TYPE = "query." + IDENTIFY_ACTION
 # Keys of the reply's meta record.
 WITHDRAW_REQUEST = "withdraw-request"
 HAS_RESIDUAL = "has-residual"
+# Digest of the residual the node holds (`sift_fl.deployment.client_state.residual_digest`), "" if none.
+RESIDUAL_DIGEST = "residual-digest"
 
 # Record with the client's own packed mask, sent in an evaluate message to a merged
-# client whose node no longer has its residual (a later run or a restarted node).
+# client whose node reports no residual, or one that differs from the merged residual.
 OWN_MASK = "own-mask"
 
 _TRUE = ("true", "1", "yes")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
@@ -14,11 +13,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from sift_fl.codec import MASK_SUFFIX
+from sift_fl.deployment.client_state import residual_digest
+from sift_fl.deployment.node_identity import NodeRegistry
 from sift_fl.flower import protocol, query
-from sift_fl.flower.exchange import send_and_collect
+from sift_fl.flower.exchange import send_and_collect, wait_for_nodes
 from sift_fl.flower.records import arrays_to_record, record_to_arrays
 from sift_fl.run_spec import BaseModel, RunSpec
-from sift_fl.store import MergeStore, RejectedUploadError, UnknownClientError, Upload, verify_store
+from sift_fl.store import MergeStore, NodeKeyMismatchError, RejectedUploadError, UnknownClientError, Upload, verify_store
 
 
 @dataclass
@@ -53,6 +54,11 @@ class SiftMasksStrategy(Strategy):
         Client ids to unmerge after the last admission round (the `withdraw` run config key).
     node_wait_seconds : float
         How long to wait for `min_clients` nodes before giving up.
+    bind_node_keys : bool
+        Bind each client id to its node's public key at its first upload, and admit a
+        node only for the client id bound to its key (see `sift_fl.deployment.node_identity`).
+        Needs a SuperLink with `--enable-supernode-auth`; in a simulation, nodes get new
+        keys in every run, so leave it off there.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class SiftMasksStrategy(Strategy):
         min_clients: int,
         withdraw: Iterable[str] = (),
         node_wait_seconds: float = 600.0,
+        bind_node_keys: bool = False,
     ) -> None:
         self.spec = spec
         self.base = base
@@ -73,8 +80,9 @@ class SiftMasksStrategy(Strategy):
         self.node_wait_seconds = node_wait_seconds
 
         self.ft_residuals: dict[str, dict[str, np.ndarray]] = {}
-        self.node_clients: dict[int, str] = {}
+        self.nodes = NodeRegistry(store, bind_node_keys)
         self.nodes_with_residual: set[int] = set()
+        self.own_masks_sent: list[str] = []
         self.declined: set[str] = set()
         self.train_metrics: dict[str, dict[str, float]] = {}
         self.evaluations: dict[str, dict[str, dict[str, float | str]]] = {}
@@ -88,7 +96,13 @@ class SiftMasksStrategy(Strategy):
         log(INFO, "\t├── Sign seed: %d, layout digest %s", self.spec.sign_seed, self.base.layout_digest[:16])
         log(INFO, "\t├── Base model digest: %s", self.base.base_digest[:16])
         log(INFO, "\t├── Store: %s, %d clients merged, %d withdrawn", self.store.directory, len(self.store.members), len(self.store.withdrawn))
+        log(INFO, "\t├── Node keys bound to client ids: %s", "yes" if self.nodes.bind_node_keys else "no")
         log(INFO, "\t└── Withdraw after admission: %s", self.withdraw_ids or "none")
+
+    @property
+    def node_clients(self) -> dict[int, str]:
+        """Client id of every node admitted in this run, by node id."""
+        return self.nodes.clients
 
     def _base_config(self) -> dict:
         config = self.spec.to_config()
@@ -97,7 +111,12 @@ class SiftMasksStrategy(Strategy):
         return config
 
     def identify(self, grid: Grid, timeout: float) -> None:
-        """Query every node for its client id, and unmerge the clients whose reply requests withdrawal."""
+        """Query every node for its client id, admit it, and unmerge the admitted clients that request withdrawal.
+
+        A node that is not admitted (see `NodeRegistry.admit`) gets no further message in
+        this run, and its withdrawal request is ignored.
+        """
+        self.nodes.read_keys(grid)
         content = RecordDict({protocol.CONFIG: ConfigRecord(self._base_config())})
         messages = [Message(content=content, message_type=query.IDENTIFY_MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
         for reply in send_and_collect(grid, messages, timeout, "identify"):
@@ -107,17 +126,33 @@ class SiftMasksStrategy(Strategy):
                 continue
             meta = reply.content[protocol.META]
             client_id = str(meta["client-id"])
-            self.node_clients[node_id] = client_id
-            if bool(meta.get(query.HAS_RESIDUAL, False)):
+            reason = self.nodes.admit(node_id, client_id)
+            if reason is not None:
+                self._fail(node_id, client_id, f"not admitted: {reason}")
+                continue
+            if self._holds_merged_residual(client_id, meta):
                 self.nodes_with_residual.add(node_id)
             if bool(meta.get(query.WITHDRAW_REQUEST, False)):
                 self.honour_withdraw_request(client_id)
-        log(INFO, "identify: %d nodes answered, %d clients already merged", len(self.node_clients), len(self.store.members))
+        log(INFO, "identify: %d nodes admitted, %d clients already merged", len(self.node_clients), len(self.store.members))
+
+    def _holds_merged_residual(self, client_id: str, meta: ConfigRecord) -> bool:
+        # A node holds its residual if the digest it reports equals that of the residual the store merged.
+        reported = str(meta.get(query.RESIDUAL_DIGEST, ""))
+        if not reported or client_id not in self.store.members:
+            return False
+        merged = residual_digest(self.store.load_residual(client_id).to_arrays())
+        if reported != merged:
+            log(WARNING, "client %s holds a residual (digest %s) that differs from the merged one (%s); sending its mask", client_id, reported[:16], merged[:16])
+        return reported == merged
+
+    def _admitted_online(self, grid: Grid) -> list[int]:
+        return [node for node in grid.get_node_ids() if node in self.node_clients]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send the train config to every node whose client is neither stored nor declined."""
         done = self.store.members | set(self.store.withdrawn) | self.declined
-        node_ids = [node for node in grid.get_node_ids() if self.node_clients.get(node) not in done]
+        node_ids = [node for node in self._admitted_online(grid) if self.node_clients[node] not in done]
         log(INFO, "configure_train: %d nodes to train (round %d)", len(node_ids), server_round)
 
         train_config = ConfigRecord({**self._base_config(), **dict(config), "server-round": server_round})
@@ -134,15 +169,18 @@ class SiftMasksStrategy(Strategy):
                 continue
             meta = reply.content.config_records.get(protocol.META)
             client_id = str(meta.get("client-id", "?")) if meta else "?"
+            if (reason := self.nodes.check_reply(node_id, client_id)) is not None:
+                self._fail(node_id, client_id, f"train reply rejected: {reason}")
+                continue
             if meta is not None and bool(meta.get(query.WITHDRAW_REQUEST, False)):
                 self.honour_withdraw_request(client_id)
                 continue
             try:
+                self.nodes.bind_before_join(node_id, client_id)
                 self.ingest(reply)
-            except (RejectedUploadError, KeyError, TypeError, ValueError) as error:
+            except (RejectedUploadError, NodeKeyMismatchError, KeyError, TypeError, ValueError) as error:
                 self._fail(node_id, client_id, str(error))
                 continue
-            self.node_clients[node_id] = client_id
             self.nodes_with_residual.add(node_id)
             merged_now += 1
 
@@ -185,13 +223,14 @@ class SiftMasksStrategy(Strategy):
             records[protocol.FT_MEAN] = arrays_to_record(self.ft_mean())
 
         messages = []
-        for node in grid.get_node_ids():
-            client = self.node_clients.get(node)
+        for node in self._admitted_online(grid):
+            client = self.node_clients[node]
             served = protocol.SERVED_MASKED if client in state.members else protocol.SERVED_UNMASKED
             eval_config = ConfigRecord({**self._base_config(), **dict(config), "served": served, "server-round": server_round})
             content = RecordDict({**records, protocol.CONFIG: eval_config})
             if served == protocol.SERVED_MASKED and node not in self.nodes_with_residual:
                 content[query.OWN_MASK] = self._own_mask(client)
+                self.own_masks_sent.append(client)
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
         return messages
 
@@ -207,6 +246,9 @@ class SiftMasksStrategy(Strategy):
                 self._fail(reply.metadata.src_node_id, "?", f"evaluation error: {reply.error.reason}")
                 continue
             meta = reply.content[protocol.META]
+            if (reason := self.nodes.check_reply(reply.metadata.src_node_id, str(meta["client-id"]))) is not None:
+                self._fail(reply.metadata.src_node_id, str(meta["client-id"]), f"evaluate reply rejected: {reason}")
+                continue
             row: dict[str, float | str] = {k: float(v) for k, v in reply.content[protocol.METRICS].items()}
             row["served"] = str(meta["served"])
             results[str(meta["client-id"])] = row
@@ -253,14 +295,6 @@ class SiftMasksStrategy(Strategy):
         log(WARNING, "node %s (client %s) rejected: %s", node_id, client_id, reason)
         self.failures.append({"node": str(node_id), "client": client_id, "reason": reason})
 
-    def _wait_for_nodes(self, grid: Grid) -> None:
-        deadline = time.monotonic() + self.node_wait_seconds
-        while (connected := len(list(grid.get_node_ids()))) < self.min_clients:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {connected} of {self.min_clients} nodes connected within {self.node_wait_seconds:.0f}s")
-            log(INFO, "Waiting for nodes: %d connected, %d required", connected, self.min_clients)
-            time.sleep(1.0)
-
     def start(
         self,
         grid: Grid,
@@ -282,7 +316,7 @@ class SiftMasksStrategy(Strategy):
         evaluate_config = evaluate_config or ConfigRecord()
         empty = ArrayRecord()
         result = Result()
-        self._wait_for_nodes(grid)
+        wait_for_nodes(grid, self.min_clients, self.node_wait_seconds)
         self.identify(grid, timeout)
 
         for server_round in range(1, num_rounds + 1):

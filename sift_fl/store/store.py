@@ -23,6 +23,7 @@ from sift_fl.store.files import StepHook, load_accumulator, no_step, residual_fr
 from sift_fl.store.identity import StoreError, StoreIdentity, StoreMismatchError, describe_format
 from sift_fl.store.lock import StoreLock
 from sift_fl.store.manifest import ClientRow, Manifest, Snapshot
+from sift_fl.store.node_keys import bind, read_bindings
 from sift_fl.store.paths import LOCK_NAME, MANIFEST_NAME, RESIDUAL_DIR, tensor_files
 from sift_fl.store.transactions import referenced_files, remove_unreferenced, write_creation, write_join, write_withdrawal
 from sift_fl.store.validation import RejectedUploadError, Upload, validate_upload
@@ -286,6 +287,22 @@ class MergeStore:
             except BaseException:
                 self._discard_changes()
                 raise
+
+    def node_keys(self) -> dict[str, str]:
+        """Return the node-key sha256 bound to each client id; see `sift_fl.store.node_keys`."""
+        with self._locked(exclusive=False):
+            return read_bindings(self.manifest.connection)
+
+    def bind_node_key(self, client_id: str, key_sha256: str) -> bool:
+        """Bind a client id to a node key's sha256; return True if the binding is new.
+
+        Raises
+        ------
+        NodeKeyMismatchError
+            If the client id is bound to another key or the key to another client id; nothing changes.
+        """
+        with self._locked():
+            return bind(self.manifest.connection, client_id, key_sha256)
 
     def recover(self) -> list[Path]:
         """Delete tensor files that the committed manifest does not reference; return them.

@@ -1,0 +1,1 @@
+"""Deployment helpers: TLS certificates, SuperNode keys and node-key binding for Flower's Deployment Engine."""
