@@ -7,7 +7,7 @@ own id and partition from node config.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from sift_fl.layout import ParameterLayout, base_digest, combined_digest, frozen_digest
 from sift_fl.settings import Setting, TrainConfig, get_setting
+from sift_fl.settings.base import override_train_config, train_only
 
 
 @dataclass(frozen=True)
@@ -70,19 +71,15 @@ class RunSpec:
 
     def train_config(self, setting: Setting, seed: int) -> TrainConfig:
         """Return the setting's default hyperparameters with this spec's nonzero overrides."""
-        config = setting.default_train_config
-        overrides: dict[str, Any] = {"seed": seed}
-        if self.steps:
-            overrides["steps"] = self.steps
-        if self.batch_size:
-            overrides["batch_size"] = self.batch_size
-        if self.learning_rate:
-            overrides["learning_rate"] = self.learning_rate
-        if self.optimizer:
-            overrides["optimizer"] = self.optimizer
-        if self.weight_decay:
-            overrides["weight_decay"] = self.weight_decay
-        return replace(config, **overrides)
+        return override_train_config(
+            setting.default_train_config,
+            seed,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+        )
 
 
 @dataclass
@@ -104,10 +101,7 @@ def load_base_model(spec: RunSpec) -> BaseModel:
     setting = spec.build_setting()
     model = setting.build_model(spec.model_seed)
     parameters = setting.trainable_parameters(model)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in parameters.values():
-        parameter.requires_grad_(True)
+    train_only(model, parameters)
 
     theta0 = {name: p.detach().numpy().copy() for name, p in parameters.items()}
     layout = ParameterLayout.from_arrays(theta0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from sift_fl.baselines.tall_masks import DEFAULT_LAMBDAS
 from sift_fl.baselines.ties import DEFAULT_DENSITY, DEFAULT_SCALE
 from sift_fl.experiment.methods import ALL_METHODS
 from sift_fl.settings import Setting, TrainConfig
+from sift_fl.settings.base import override_train_config
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,13 @@ class ExperimentConfig:
 
     def train_config(self, setting: Setting, seed: int) -> TrainConfig:
         """Return the setting's client hyperparameters with this experiment's nonzero overrides."""
-        overrides: dict[str, Any] = {"seed": seed}
-        if self.steps:
-            overrides["steps"] = self.steps
-        if self.batch_size:
-            overrides["batch_size"] = self.batch_size
-        if self.learning_rate:
-            overrides["learning_rate"] = self.learning_rate
-        return replace(setting.default_train_config, **overrides)
+        return override_train_config(
+            setting.default_train_config,
+            seed,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Return the options as JSON-ready values."""

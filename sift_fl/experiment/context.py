@@ -12,6 +12,7 @@ from sift_fl.experiment.config import ExperimentConfig
 from sift_fl.experiment.store import ResidualStore
 from sift_fl.layout import ParameterLayout
 from sift_fl.settings import Setting, Split, get_setting
+from sift_fl.settings.base import train_only
 from sift_fl.sign import SignVector
 from sift_fl.training import accuracy, load_values
 
@@ -44,10 +45,7 @@ def build_context(config: ExperimentConfig, residual_dir: Path) -> RunContext:
     setting = get_setting(config.setting, **config.setting_options)
     model = setting.build_model(config.model_seed)
     parameters = setting.trainable_parameters(model)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in parameters.values():
-        parameter.requires_grad_(True)
+    train_only(model, parameters)
 
     theta0 = {name: parameter.detach().numpy().copy() for name, parameter in parameters.items()}
     layout = ParameterLayout.from_arrays(theta0)

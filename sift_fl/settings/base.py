@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,19 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+
+
+def override_train_config(config: TrainConfig, seed: int, **overrides: Any) -> TrainConfig:
+    """Return `config` with `seed` set and every override that is not zero or empty applied."""
+    return replace(config, seed=seed, **{name: value for name, value in overrides.items() if value})
+
+
+def train_only(model: nn.Module, parameters: dict[str, nn.Parameter]) -> None:
+    """Freeze every parameter of `model` except `parameters`."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in parameters.values():
+        parameter.requires_grad_(True)
 
 
 class Setting(ABC):
