@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
     config = BenchConfig.reduced() if arguments.quick else BenchConfig.full()
+    commit = git_commit()  # before the run, as other commits may land while it runs
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="sift-fl-benchmarks-") as temporary:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "command": " ".join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": machine_info(),
         "config": dataclasses.asdict(config),
         "density": density,

@@ -48,8 +48,8 @@ def read_residual_file(path: Path, layout: ParameterLayout) -> EncodedResidual:
     """Read a residual safetensors file with a single copy of its bytes, then validate it.
 
     The arrays are views into one buffer filled by `readinto`, so reading a file costs its
-    size in memory once. `safetensors.numpy.load` would hold the file's bytes and a copy of
-    every tensor at the same time.
+    size in memory once. `safetensors.numpy.load` (safetensors 0.8) would hold the file's
+    bytes and a copy of every tensor at the same time.
     """
     with open(path, "rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
