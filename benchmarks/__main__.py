@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import SIGN_SEED, BenchConfig, Figure
-from benchmarks.report import format_markdown, format_table, git_commit, machine_info
+from benchmarks.report import format_markdown, format_table, git_state, machine_info
 
 logger = logging.getLogger("benchmarks")
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
     config = BenchConfig.reduced() if arguments.quick else BenchConfig.full()
-    commit = git_commit()  # before the run, as other commits may land while it runs
+    repository = git_state()  # before the run, as other commits may land while it runs
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="sift-fl-benchmarks-") as temporary:
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "command": " ".join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit,
+        "commit": repository["commit"],
+        "uncommitted_paths": repository["uncommitted_paths"],
         "machine": machine_info(),
         "config": dataclasses.asdict(config),
         "density": density,

@@ -45,14 +45,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
-    """Return HEAD's hash, with "+uncommitted" when benchmarks/ or sift_fl/ differ from it."""
+def git_state() -> dict[str, Any]:
+    """Return HEAD's hash and the tracked files under benchmarks/ and sift_fl/ that differ from it."""
+
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
-    commit = git("rev-parse", "HEAD") or "unknown"
     changed = git("status", "--porcelain", "--untracked-files=no", "--", "benchmarks", "sift_fl")
-    return commit + ("+uncommitted" if changed else "")
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "uncommitted_paths": [line[3:] for line in changed.splitlines()],
+    }
 
 
 def _result(figure: Figure) -> str:
