@@ -49,12 +49,13 @@ def git_state() -> dict[str, Any]:
     """Return HEAD's hash and the tracked files under benchmarks/ and sift_fl/ that differ from it."""
 
     def git(*arguments: str) -> str:
-        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True, check=False).stdout
 
+    # Porcelain lines are "XY path": two status columns, a space, then the path.
     changed = git("status", "--porcelain", "--untracked-files=no", "--", "benchmarks", "sift_fl")
     return {
-        "commit": git("rev-parse", "HEAD") or "unknown",
-        "uncommitted_paths": [line[3:] for line in changed.splitlines()],
+        "commit": git("rev-parse", "HEAD").strip() or "unknown",
+        "uncommitted_paths": [line[3:] for line in changed.splitlines() if line.strip()],
     }
 
 
