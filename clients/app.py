@@ -3,7 +3,7 @@
 A client keeps its own encoded residual (and so its mask) in the node's Flower state for
 the rest of the run. With the node config key `state-dir` (an absolute path) it also
 writes the residual to that directory, and in later runs it evaluates with the mask from
-there (see `sift_fl.deployment.client_state`). A merged client whose node holds neither
+there (see `sift_fl.deployment.client_state`). A merged client whose node has neither
 receives its own mask from the server in the evaluate message.
 
 A client asks to be unmerged by answering the server's identify query with a withdrawal

@@ -4,7 +4,7 @@ The ClientApp writes the encoded residual it uploads (packed mask bits and magni
 `<state-dir>/residual.safetensors`, where `state-dir` is an absolute path in the node
 config. In a later run the client evaluates with its own mask from that file, so the
 server does not need to send the mask back, and the residual digest lets the client
-compare what it holds with what the server's store merged for it.
+compare its own copy with what the server's store merged for it.
 
 The file's metadata records the client id, the layout and base digests, the sign seed and
 the residual digest. `load` ignores a file whose metadata belongs to another client or
@@ -38,7 +38,7 @@ def residual_digest(arrays: Mapping[str, np.ndarray]) -> str:
     """Return a sha256 over the wire arrays of a residual (names, dtypes, shapes and bytes, sorted by name).
 
     The client and the server compute it from the same arrays, so equal digests mean the
-    client holds exactly the residual the store merged. Safetensors files are not compared
+    client has exactly the residual the store merged. Safetensors files are not compared
     byte for byte because their metadata order varies between writes.
     """
     hasher = hashlib.sha256()

@@ -1,10 +1,10 @@
 """Which node may act for which client id in one run: node-config ids checked against node keys.
 
 A node reports its client id from its node config. With `bind_node_keys` on, the ServerApp
-also reads each node's public key from the SuperLink (`grid.get_nodes()` returns a
-`NodeInfo` whose `public_key` is the key the node signs its Fleet API requests with; with
-`flower-superlink --enable-supernode-auth` only keys registered with `flwr supernode
-register` can connect). A node is admitted for a client id only if the store binds that id
+also reads each node's public key from the SuperLink: in Flower 1.42, `grid.get_nodes()`
+returns a `NodeInfo` whose `public_key` is the key the node signs its Fleet API requests
+with. With `flower-superlink --enable-supernode-auth`, only keys registered with `flwr
+supernode register` can connect. A node is admitted for a client id only if the store binds that id
 to the sha256 of the node's key, or binds neither the id nor the key yet. The binding is
 written when the node's first upload for the id is merged (`bind_before_join`).
 
@@ -85,12 +85,15 @@ class NodeRegistry:
             check_client_id(client_id)
         except RejectedUploadError as error:
             return str(error)
+        if self.bind_node_keys and (reason := self._check_key(node_id, client_id)) is not None:
+            return reason
         for other_node, other_client in self.clients.items():
             if other_client == client_id and other_node != node_id:
                 return f"node {other_node} already reported client id {client_id!r} in this run"
-        if not self.bind_node_keys:
-            return None
+        return None
 
+    def _check_key(self, node_id: int, client_id: str) -> str | None:
+        # The key checks come first, so a node claiming a bound id is rejected for its key whatever the reply order.
         key = self.keys.get(node_id)
         if key is None:
             return "the SuperLink reports no public key for this node; start the SuperLink with --enable-supernode-auth"

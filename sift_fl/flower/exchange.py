@@ -13,11 +13,14 @@ from flwr.serverapp import Grid
 POLL_SECONDS = 1.0
 
 
-def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:
-    """Push `messages`, then pull replies until all arrived or `timeout` seconds passed.
+def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> dict[int, Message]:
+    """Push `messages`, then pull replies until all arrived or `timeout` seconds passed; return replies by destination node.
 
-    Logs each time new replies arrive ("train: 5/20 replies after 12s"), so a long round is
-    not silent, and logs a warning naming the nodes whose replies are missing at the timeout.
+    Replies are keyed by the node each message was sent to, because an error reply that
+    the SuperLink creates for an unreachable node carries the SuperLink's node id as its
+    source. Logs each time new replies arrive ("train: 5/20 replies after 12s"), so a
+    long round is not silent, and logs a warning naming the nodes whose replies are
+    missing at the timeout.
     """
     messages = list(messages)
     destinations = {}
@@ -28,12 +31,13 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, la
         destinations[message_id] = message.metadata.dst_node_id
 
     total = len(pending)
-    replies: list[Message] = []
+    replies: dict[int, Message] = {}
     while pending and time.monotonic() - started < timeout:
-        new = list(grid.pull_messages(pending))
+        new = [reply for reply in grid.pull_messages(pending) if reply.metadata.reply_to_message_id in pending]
         if new:
-            replies.extend(new)
-            pending.difference_update(reply.metadata.reply_to_message_id for reply in new)
+            for reply in new:
+                replies[destinations[reply.metadata.reply_to_message_id]] = reply
+                pending.discard(reply.metadata.reply_to_message_id)
             log(INFO, "%s: %d/%d replies after %.0fs", label, len(replies), total, time.monotonic() - started)
         elif pending:
             time.sleep(POLL_SECONDS)

@@ -3,9 +3,9 @@
 At the start of every run the ServerApp sends `query.identify` to every node. The reply's
 `meta` record carries `client-id`, `has-residual`, `residual-digest` and `withdraw-request`.
 The client id comes from the node config, never from the server. The ServerApp acts on a
-withdrawal request only from a node it admits for that client id: without node-key
-binding, any node that reports the id; with it, only a node whose authenticated key is
-bound to the id (see `sift_fl.deployment.node_identity`). A node that still receives a
+withdrawal request only from a node it admits for that client id. Without node-key
+binding, that is any node that reports the id. With it, only a node whose authenticated
+key is bound to the id is admitted (see `sift_fl.deployment.node_identity`). A node that still receives a
 train message after asking to withdraw answers it with the same flag and no residual.
 """
 
@@ -20,7 +20,7 @@ IDENTIFY_MESSAGE_TYPE = "query." + IDENTIFY_ACTION
 # Keys of the reply's meta record.
 WITHDRAW_REQUEST = "withdraw-request"
 HAS_RESIDUAL = "has-residual"
-# Digest of the residual the node holds (`sift_fl.deployment.client_state.residual_digest`), "" if none.
+# Digest of the residual the node keeps (`sift_fl.deployment.client_state.residual_digest`), "" if none.
 RESIDUAL_DIGEST = "residual-digest"
 
 # Record with the client's own packed mask, sent in an evaluate message to a merged

@@ -119,7 +119,7 @@ class SiftMasksStrategy(Strategy):
         self.nodes.read_keys(grid)
         content = RecordDict({protocol.CONFIG: ConfigRecord(self._base_config())})
         messages = [Message(content=content, message_type=query.IDENTIFY_MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
-        for reply in send_and_collect(grid, messages, timeout, "identify"):
+        for reply in self._collect(grid, messages, timeout, "identify"):
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 self._fail(node_id, "?", f"identify query failed: {reply.error.reason}")
@@ -137,7 +137,7 @@ class SiftMasksStrategy(Strategy):
         log(INFO, "identify: %d nodes admitted, %d clients already merged", len(self.node_clients), len(self.store.members))
 
     def _holds_merged_residual(self, client_id: str, meta: ConfigRecord) -> bool:
-        # A node holds its residual if the digest it reports equals that of the residual the store merged.
+        # A node has its residual if the digest it reports equals that of the residual the store merged.
         reported = str(meta.get(query.RESIDUAL_DIGEST, ""))
         if not reported or client_id not in self.store.members:
             return False
@@ -165,7 +165,7 @@ class SiftMasksStrategy(Strategy):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
-                self._fail(node_id, "?", f"client error: {reply.error.reason}")
+                self._fail(node_id, self.node_clients.get(node_id, "?"), f"client error: {reply.error.reason}")
                 continue
             meta = reply.content.config_records.get(protocol.META)
             client_id = str(meta.get("client-id", "?")) if meta else "?"
@@ -242,16 +242,18 @@ class SiftMasksStrategy(Strategy):
         """Store each client's accuracies under the current phase and return their means."""
         results: dict[str, dict[str, float | str]] = {}
         for reply in replies:
+            node_id = reply.metadata.src_node_id
             if reply.has_error():
-                self._fail(reply.metadata.src_node_id, "?", f"evaluation error: {reply.error.reason}")
+                self._fail(node_id, self.node_clients.get(node_id, "?"), f"evaluation error: {reply.error.reason}")
                 continue
             meta = reply.content[protocol.META]
-            if (reason := self.nodes.check_reply(reply.metadata.src_node_id, str(meta["client-id"]))) is not None:
-                self._fail(reply.metadata.src_node_id, str(meta["client-id"]), f"evaluate reply rejected: {reason}")
+            client_id = str(meta["client-id"])
+            if (reason := self.nodes.check_reply(node_id, client_id)) is not None:
+                self._fail(node_id, client_id, f"evaluate reply rejected: {reason}")
                 continue
             row: dict[str, float | str] = {k: float(v) for k, v in reply.content[protocol.METRICS].items()}
             row["served"] = str(meta["served"])
-            results[str(meta["client-id"])] = row
+            results[client_id] = row
         self.evaluations[self._phase] = results
         if not results:
             return None
@@ -291,8 +293,21 @@ class SiftMasksStrategy(Strategy):
         except UnknownClientError:
             log(INFO, "client %s asked to withdraw but was never merged; it will not be trained", client_id)
 
+    def _collect(self, grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:
+        # Send and wait; record a failure for every node whose reply is an error or missing, and return the other replies.
+        messages = list(messages)
+        replies = send_and_collect(grid, messages, timeout, label)
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            client_id = self.node_clients.get(node_id, "?")
+            if node_id not in replies:
+                self._fail(node_id, client_id, f"no {label} reply within {timeout:.0f}s; nothing from this node is used")
+            elif replies[node_id].has_error():
+                self._fail(node_id, client_id, f"{label} failed: {replies[node_id].error.reason}")
+        return [reply for reply in replies.values() if not reply.has_error()]
+
     def _fail(self, node_id: int | str, client_id: str, reason: str) -> None:
-        log(WARNING, "node %s (client %s) rejected: %s", node_id, client_id, reason)
+        log(WARNING, "node %s (client %s) failed: %s", node_id, client_id, reason)
         self.failures.append({"node": str(node_id), "client": client_id, "reason": reason})
 
     def start(
@@ -321,13 +336,13 @@ class SiftMasksStrategy(Strategy):
 
         for server_round in range(1, num_rounds + 1):
             log(INFO, "[ROUND %d/%d] admitting clients that are not in the store", server_round, num_rounds)
-            replies = send_and_collect(grid, self.configure_train(server_round, empty, train_config, grid), timeout, "train")
+            replies = self._collect(grid, self.configure_train(server_round, empty, train_config, grid), timeout, "train")
             _, train_metrics = self.aggregate_train(server_round, replies)
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
 
             self._phase = "merged"
-            replies = send_and_collect(grid, self.configure_evaluate(server_round, empty, evaluate_config, grid), timeout, "evaluate")
+            replies = self._collect(grid, self.configure_evaluate(server_round, empty, evaluate_config, grid), timeout, "evaluate")
             evaluate_metrics = self.aggregate_evaluate(server_round, replies)
             if evaluate_metrics is not None:
                 log(INFO, "\t└──> mean accuracies: %s", evaluate_metrics)
@@ -341,7 +356,7 @@ class SiftMasksStrategy(Strategy):
                     self._fail("-", client_id, f"withdrawal requested by the run config failed: {error}")
             self._phase = "after-withdrawal"
             after_round = num_rounds + 1
-            replies = send_and_collect(grid, self.configure_evaluate(after_round, empty, evaluate_config, grid), timeout, "evaluate after withdrawal")
+            replies = self._collect(grid, self.configure_evaluate(after_round, empty, evaluate_config, grid), timeout, "evaluate after withdrawal")
             evaluate_metrics = self.aggregate_evaluate(after_round, replies)
             if evaluate_metrics is not None:
                 result.evaluate_metrics_clientapp[after_round] = evaluate_metrics

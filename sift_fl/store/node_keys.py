@@ -4,7 +4,7 @@ A deployment with SuperNode authentication binds each client id to the sha256 of
 public key of the node that first uploaded for it, in the manifest table `node_keys`.
 From then on, only a node with that key may upload, withdraw or receive served models
 for the client id, and that key may act for no other client id. A binding outlives the
-client's withdrawal, so no other node can join under the withdrawn id. It holds the key's
+client's withdrawal, so no other node can join under the withdrawn id. A binding row contains the key's
 sha256, the client id and the time, and no residual data.
 
 The table is created by the first binding, so stores that never bind keep the schema
