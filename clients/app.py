@@ -74,7 +74,7 @@ def _client_state(context: Context, client_id: str, state_root: Path | None) -> 
     return state
 
 
-def _held_residual_digest(context: Context, state: ClientState | None, binding: ModelBinding) -> str:
+def _own_residual_digest(context: Context, state: ClientState | None, binding: ModelBinding) -> str:
     own = context.state.array_records.get(protocol.SIFT_RESIDUAL)
     if own is not None:
         return residual_digest(record_to_arrays(own))
@@ -83,13 +83,13 @@ def _held_residual_digest(context: Context, state: ClientState | None, binding: 
 
 
 def identify(message: Message, context: Context, withdraw_requests: Iterable[str] = (), state_root: Path | None = None) -> Message:
-    """Reply to the identify query with the client id, the digest of the residual this node holds, and any withdrawal request."""
+    """Reply to the identify query with the client id, the digest of the residual this node keeps, and any withdrawal request."""
     client_id = protocol.client_id_from_node_config(context.node_config)
     withdraw = query.wants_withdrawal(client_id, context.node_config, set(withdraw_requests))
     if withdraw:
         logger.info("client %s: asking the server to withdraw this client", client_id)
     binding = _model_binding(message.content[protocol.CONFIG], client_id)
-    digest = _held_residual_digest(context, _client_state(context, client_id, state_root), binding)
+    digest = _own_residual_digest(context, _client_state(context, client_id, state_root), binding)
     meta = ConfigRecord(
         {
             "client-id": client_id,

@@ -262,7 +262,7 @@ def scenario(tmp_path_factory):
         assert outcome["left_running"] == [], f"processes still running after the test: {outcome['left_running']}"
 
 
-def held_digest(state_dir: Path, client_id: str, identity) -> str | None:
+def disk_residual_digest(state_dir: Path, client_id: str, identity) -> str | None:
     loaded = ClientState(state_dir).load_arrays(ModelBinding(client_id, identity.layout_digest, identity.base_digest, identity.sign_seed))
     return loaded[1] if loaded else None
 
@@ -366,6 +366,6 @@ def test_client_disk_residuals_match_store(scenario):
     store = scenario["store3"]
     sites = {"0": "site-0", "2": "site-2", "3": "site-3"}
 
-    held = {client: held_digest(scenario["client_states"][site], client, store["identity"]) for client, site in sites.items()}
+    on_disk = {client: disk_residual_digest(scenario["client_states"][site], client, store["identity"]) for client, site in sites.items()}
 
-    assert held == store["digests"]
+    assert on_disk == store["digests"]

@@ -121,9 +121,6 @@ class SiftMasksStrategy(Strategy):
         messages = [Message(content=content, message_type=query.IDENTIFY_MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
         for reply in self._collect(grid, messages, timeout, "identify"):
             node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                self._fail(node_id, "?", f"identify query failed: {reply.error.reason}")
-                continue
             meta = reply.content[protocol.META]
             client_id = str(meta["client-id"])
             reason = self.nodes.admit(node_id, client_id)
