@@ -1,6 +1,6 @@
 """Benchmark workload: synthetic SIFT residuals of a model's layout, stored as safetensors files.
 
-N clients of P parameters do not fit in memory at N = 500 and P = 22.7M (about 26 GB of
+N clients of P parameters do not fit in memory at N = 500 and P = 22.7M (about 27 GB of
 encoded residuals), so a few distinct residuals are generated with different seeds and
 written once, and client i reads file i mod K. Every merge streams its residuals from
 those files, one at a time.
