@@ -6,8 +6,8 @@ The scenario drives the scripts in `scripts/deploy/` exactly as `docs/deployment
   message, so only clients 0 and 1 are merged.
 - run 2: site 1 restarts with `withdraw=true` and is unmerged at its own request, site 2
   restarts and joins, and site 3 joins late;
-- run 3: a rogue node with its own registered key claims client id 0 and asks to withdraw
-  it; it is rejected, the store does not change, and every legitimate client is evaluated
+- run 3: a rogue node with its own registered key claims client id 0 and requests its
+  withdrawal. It is rejected, the store does not change, and every legitimate client is evaluated
   with the mask it keeps on its own disk.
 
 Every process is started in its own session and stopped by process group and PID at the

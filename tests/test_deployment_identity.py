@@ -271,3 +271,17 @@ def test_admit_rejects_claim_by_key_after_owner(tmp_path):
     nodes.admit(1, "0")
 
     assert "bound to node key" in nodes.admit(2, "0")
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), ("true", True), ("false", False), ("", False)])
+def test_parse_flag_values(value, expected):
+    from server.app import parse_flag
+
+    assert parse_flag(value, "bind-node-keys") is expected
+
+
+def test_parse_flag_invalid():
+    from server.app import parse_flag
+
+    with pytest.raises(ValueError, match="bind-node-keys must be true or false"):
+        parse_flag("maybe", "bind-node-keys")

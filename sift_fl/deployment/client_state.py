@@ -3,8 +3,8 @@
 The ClientApp writes the encoded residual it uploads (packed mask bits and magnitudes) to
 `<state-dir>/residual.safetensors`, where `state-dir` is an absolute path in the node
 config. In a later run the client evaluates with its own mask from that file, so the
-server does not need to send the mask back, and the residual digest lets the client
-compare its own copy with what the server's store merged for it.
+server does not need to send the mask back. The residual digest lets the client compare
+its own copy with what the server's store merged for it.
 
 The file's metadata records the client id, the layout and base digests, the sign seed and
 the residual digest. `load` ignores a file whose metadata belongs to another client or

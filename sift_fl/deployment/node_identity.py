@@ -1,4 +1,4 @@
-"""Which node may act for which client id in one run: node-config ids checked against node keys.
+"""Node admission for one run: node-config client ids checked against node-key bindings.
 
 A node reports its client id from its node config. With `bind_node_keys` on, the ServerApp
 also reads each node's public key from the SuperLink: in Flower 1.42, `grid.get_nodes()`
