@@ -8,7 +8,6 @@ those files, one at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,13 @@ from tqdm.auto import tqdm
 from sift_fl.codec import EncodedResidual, EncodedTensor, from_arrays
 from sift_fl.layout import ParameterLayout
 from sift_fl.sign import SignVector
+from sift_fl.store.files import safetensors_views
 
 logger = logging.getLogger(__name__)
 
 # Residual magnitudes are drawn uniformly from this range: SIFT residuals after 20 Adam
 # steps at learning rate 3e-4 are at most about 20 * 3e-4 = 6e-3 per coordinate.
 MAGNITUDE_RANGE = (1e-5, 6e-3)
-_SAFETENSORS_DTYPES = {"U8": np.uint8, "F16": np.float16, "F32": np.float32}
-
-
 def synthetic_residual(layout: ParameterLayout, density: float, seed: int) -> EncodedResidual:
     """Return an encoded residual whose mask keeps each coordinate with probability `density`.
 
@@ -45,27 +42,8 @@ def synthetic_residual(layout: ParameterLayout, density: float, seed: int) -> En
 
 
 def read_residual_file(path: Path, layout: ParameterLayout) -> EncodedResidual:
-    """Read a residual safetensors file with a single copy of its bytes, then validate it.
-
-    The arrays are views into one buffer filled by `readinto`, so reading a file costs its
-    size in memory once. `safetensors.numpy.load` (safetensors 0.8) would hold the file's
-    bytes and a copy of every tensor at the same time.
-    """
-    with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_size))
-        data = bytearray(path.stat().st_size - 8 - header_size)
-        handle.readinto(data)
-
-    arrays = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        start, stop = entry["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        count = (stop - start) // dtype.itemsize
-        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(entry["shape"])
-    return from_arrays(arrays, layout)
+    """Read a residual safetensors file with a single copy of its bytes, then validate it."""
+    return from_arrays(safetensors_views(bytearray(path.read_bytes())), layout)
 
 
 @dataclass

@@ -297,3 +297,20 @@ def test_describe_format_states_range():
     assert "2^-40" in text
     assert "magnitudes up to 16" in text
     assert "524,287 clients" in text
+
+
+def test_safetensors_views_share_the_buffer(tmp_path):
+    import safetensors.numpy
+
+    from sift_fl.store.files import safetensors_views
+
+    arrays = {"w/mask": np.arange(10, dtype=np.uint8), "w/magnitude": np.linspace(0.1, 1.0, 7, dtype=np.float32)}
+    data = bytearray(safetensors.numpy.save(arrays))
+
+    views = safetensors_views(data)
+
+    for name, expected in arrays.items():
+        assert np.array_equal(views[name], expected), name
+        assert views[name].dtype == expected.dtype, name
+        # A view, not a copy: a residual read from disk is held in memory once.
+        assert np.shares_memory(views[name], np.frombuffer(data, dtype=np.uint8)), name

@@ -8,6 +8,7 @@ step calls `step(label)` first, which lets crash tests stop the process between 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from sift_fl.codec import EncodedResidual, InvalidResidualError, from_arrays
 from sift_fl.layout import ParameterLayout
 from sift_fl.merge import MergeState
 from sift_fl.store.identity import StoreError
+
+SAFETENSORS_DTYPES = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
 
 StepHook = Callable[[str], None]
 TEMPORARY_SUFFIX = ".tmp"
@@ -90,16 +93,38 @@ def residual_from_file(path: Path, layout: ParameterLayout, expected_sha256: str
         If the file is missing, its sha256 differs from the manifest's, or it does not fit the layout.
     """
     try:
-        data = path.read_bytes()
+        data = bytearray(path.read_bytes())
     except FileNotFoundError as error:
         raise StoreError(f"residual file {path} listed in the manifest is missing") from error
     if sha256_bytes(data) != expected_sha256:
         raise StoreError(f"residual file {path} does not match the sha256 recorded in the manifest; it was modified")
 
     try:
-        return from_arrays(safetensors.numpy.load(data), layout)
-    except InvalidResidualError as error:
+        return from_arrays(safetensors_views(data), layout)
+    except (InvalidResidualError, ValueError, KeyError) as error:
         raise StoreError(f"residual file {path} does not fit the store's layout: {error}") from error
+
+
+def safetensors_views(data: bytearray | bytes) -> dict[str, np.ndarray]:
+    """Return the tensors of a safetensors buffer as numpy views into `data`, without copying.
+
+    `safetensors.numpy.load` (safetensors 0.8) copies every tensor out of the buffer, so a
+    reader that keeps the buffer too holds each residual twice. Supports the dtypes residual
+    files use: U8, F16, F32, I32 and I64.
+    """
+    header_size = int.from_bytes(bytes(data[:8]), "little")
+    header = json.loads(bytes(data[8 : 8 + header_size]))
+    body_offset = 8 + header_size
+
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        start, stop = entry["data_offsets"]
+        count = (stop - start) // dtype.itemsize
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=body_offset + start).reshape(entry["shape"])
+    return arrays
 
 
 def accumulator_to_bytes(state: MergeState) -> bytes:

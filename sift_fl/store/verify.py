@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sift_fl.codec import EncodedResidual
 from sift_fl.merge import MergeState
 from sift_fl.store.identity import StoreError, describe_format
 from sift_fl.store.store import MergeStore
@@ -44,15 +43,17 @@ def verify_store(store: MergeStore) -> VerifyReport:
         )
         report.checks.append(f"manifest: generation {store.generation}, {len(clients)} merged, {len(store.withdrawn)} withdrawn")
 
-        residuals: dict[str, EncodedResidual] = {}
+        # The from-scratch merge streams the residuals in sorted client-id order (as
+        # MergeState.from_scratch does), so only one residual is in memory at a time.
+        scratch = MergeState(identity.layout, store.sign_vector, identity.number_format)
         for client_id in sorted(clients):
             try:
-                residuals[client_id] = store.load_residual(client_id)
+                scratch.add(client_id, store.load_residual(client_id))
             except StoreError as error:
                 report.problems.append(f"client {client_id!r}: {error}")
         if not report.problems:
-            report.checks.append(f"residual files: {len(residuals)} match their sha256 and the layout")
-            _compare_with_scratch(store, state, residuals, report)
+            report.checks.append(f"residual files: {scratch.count} match their sha256 and the layout")
+            _compare_with_scratch(store, state, scratch, report)
 
         unreferenced = sorted(set(store.tensor_files()) - store.referenced_files())
         if unreferenced:
@@ -62,9 +63,8 @@ def verify_store(store: MergeStore) -> VerifyReport:
     return report
 
 
-def _compare_with_scratch(store: MergeStore, state: MergeState, residuals: dict[str, EncodedResidual], report: VerifyReport) -> None:
+def _compare_with_scratch(store: MergeStore, state: MergeState, scratch: MergeState, report: VerifyReport) -> None:
     identity = store.identity
-    scratch = MergeState.from_scratch(identity.layout, store.sign_vector, residuals, identity.number_format)
     if state.equals(scratch) and state.digest() == scratch.digest():
         report.checks.append(
             f"accumulator: equals a from-scratch merge of {scratch.count} residuals in sorted client-id order, "
