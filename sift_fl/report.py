@@ -23,7 +23,9 @@ def build_report(
 ) -> dict[str, Any]:
     """Assemble the JSON report from the strategy's per-client results."""
     merged = evaluations.get("merged", {})
-    after = evaluations.get("after-withdrawal", {})
+    # A withdrawal the client requested at the start of the run precedes the "merged" evaluation, so
+    # without a run-config withdrawal phase, that evaluation is the one after every withdrawal.
+    after = evaluations.get("after-withdrawal", merged)
     clients = []
     for client_id in sorted(set(train_metrics) | set(merged), key=_client_sort_key):
         row = merged.get(client_id, {})

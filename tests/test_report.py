@@ -35,3 +35,14 @@ def test_build_report_means_and_table():
     assert report["methods"]["sift_masks"]["mean_accuracy"] == 0.75
     assert [c["client"] for c in report["clients"]] == ["0", "1"]
     assert "mean" in table
+
+
+def test_build_report_client_withdrawal_before_evaluation():
+    # A withdrawal requested when the run starts has no later phase: the "merged" evaluation follows it.
+    evaluations = {"merged": {"1": {"accuracy-sift-masks": 0.25, "served": "unmasked"}}}
+    withdrawal = {"client": "1", "status": "withdrawn", "bit_exact": True, "seconds": 0.01}
+
+    report = build_report("digits", 2, {}, evaluations, [withdrawal], [])
+
+    assert report["withdrawals"][0]["served_after"] == "unmasked"
+    assert report["withdrawals"][0]["accuracy_after"] == {"sift_masks": 0.25}
