@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from sift_fl.codec import EncodedResidual, EncodedTensor, from_arrays
 from sift_fl.layout import ParameterLayout
 from sift_fl.sign import SignVector
-from sift_fl.store.files import safetensors_views
+from sift_fl.store.files import read_into_buffer, safetensors_views
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def synthetic_residual(layout: ParameterLayout, density: float, seed: int) -> En
 
 def read_residual_file(path: Path, layout: ParameterLayout) -> EncodedResidual:
     """Read a residual safetensors file with a single copy of its bytes, then validate it."""
-    return from_arrays(safetensors_views(bytearray(path.read_bytes())), layout)
+    return from_arrays(safetensors_views(read_into_buffer(path)), layout)
 
 
 @dataclass

@@ -93,7 +93,7 @@ def residual_from_file(path: Path, layout: ParameterLayout, expected_sha256: str
         If the file is missing, its sha256 differs from the manifest's, or it does not fit the layout.
     """
     try:
-        data = bytearray(path.read_bytes())
+        data = read_into_buffer(path)
     except FileNotFoundError as error:
         raise StoreError(f"residual file {path} listed in the manifest is missing") from error
     if sha256_bytes(data) != expected_sha256:
@@ -103,6 +103,14 @@ def residual_from_file(path: Path, layout: ParameterLayout, expected_sha256: str
         return from_arrays(safetensors_views(data), layout)
     except (InvalidResidualError, ValueError, KeyError) as error:
         raise StoreError(f"residual file {path} does not fit the store's layout: {error}") from error
+
+
+def read_into_buffer(path: Path) -> bytearray:
+    """Return the file's bytes in one preallocated buffer (`bytearray(path.read_bytes())` would copy them twice)."""
+    with open(path, "rb") as handle:
+        data = bytearray(os.fstat(handle.fileno()).st_size)
+        handle.readinto(data)
+    return data
 
 
 def safetensors_views(data: bytearray | bytes) -> dict[str, np.ndarray]:
