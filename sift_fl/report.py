@@ -38,9 +38,12 @@ def build_report(
             }
         )
 
+    # Means cover the clients served through their own mask; a client withdrawn before this
+    # evaluation is served the unmasked merge and is reported under `withdrawals` instead.
+    served_masked = [row for row in merged.values() if row.get("served") != "unmasked"]
     methods = {}
     for method, key in METRIC_KEYS.items():
-        values = [row[key] for row in merged.values() if key in row and not math.isnan(row[key])]
+        values = [row[key] for row in served_masked if key in row and not math.isnan(row[key])]
         if values:
             methods[method] = {"mean_accuracy": sum(values) / len(values), "clients": len(values)}
 
@@ -75,11 +78,16 @@ def format_table(report: dict[str, Any]) -> str:
     methods = [m for m in METHODS if m in report["methods"]]
     header = f"{'client':>8} " + " ".join(f"{m:>20}" for m in methods)
     lines = ["Accuracy on each client's local test split", header, "-" * len(header)]
+    unmasked = False
     for client in report["clients"]:
         cells = [f"{client['accuracy'][m]:>20.3f}" if m in client["accuracy"] else f"{'-':>20}" for m in methods]
-        lines.append(f"{client['client']:>8} " + " ".join(cells))
+        label = client["client"] + ("*" if client.get("served") == "unmasked" else "")
+        unmasked = unmasked or client.get("served") == "unmasked"
+        lines.append(f"{label:>8} " + " ".join(cells))
     lines.append("-" * len(header))
     lines.append(f"{'mean':>8} " + " ".join(f"{report['methods'][m]['mean_accuracy']:>20.3f}" for m in methods))
+    if unmasked:
+        lines.append("* withdrawn before this evaluation: served the unmasked merge, left out of the means")
 
     for withdrawal in report["withdrawals"]:
         accuracy = withdrawal.get("accuracy_after", {}).get("sift_masks")

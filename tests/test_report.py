@@ -46,3 +46,19 @@ def test_build_report_client_withdrawal_before_evaluation():
 
     assert report["withdrawals"][0]["served_after"] == "unmasked"
     assert report["withdrawals"][0]["accuracy_after"] == {"sift_masks": 0.25}
+
+
+def test_build_report_means_leave_out_withdrawn_clients():
+    evaluations = {
+        "merged": {
+            "0": {"accuracy-sift-masks": 1.0, "served": "masked"},
+            "1": {"accuracy-sift-masks": 0.0, "served": "unmasked"},
+        }
+    }
+
+    report = build_report("digits", 2, {}, evaluations, [], [])
+    table = format_table(report)
+
+    assert report["methods"]["sift_masks"] == {"mean_accuracy": 1.0, "clients": 1}
+    assert "      1* " in table
+    assert "left out of the means" in table

@@ -72,7 +72,8 @@ def experiment(args: argparse.Namespace) -> int:
     )
     summary = run_experiment(config)
     print(format_summary(summary))
-    print(f"outputs: {config.out / 'results.csv'}, {config.out / 'scale.png'}, {config.out / 'summary.json'}")
+    names = ("results.csv", "per_client.csv", "scale.png", "summary.json")
+    print("outputs: " + ", ".join(str(config.out / name) for name in names))
     return 0
 
 

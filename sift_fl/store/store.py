@@ -334,7 +334,7 @@ class MergeStore:
 
         message = (
             f"withdrew client {client_id!r}: residual subtracted, residual and mask files deleted, "
-            f"{self._state.count} clients remain"
+            f"{self._state.count} {'client remains' if self._state.count == 1 else 'clients remain'}"
         )
         logger.info("%s", message)
         return WithdrawalOutcome(client_id, "withdrawn", seconds, message)
