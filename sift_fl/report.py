@@ -38,8 +38,8 @@ def build_report(
             }
         )
 
-    # Means cover the clients served through their own mask; a client withdrawn before this
-    # evaluation is served the unmasked merge and is reported under `withdrawals` instead.
+    # Means cover the clients served through their own mask. A client withdrawn before this
+    # evaluation is served the unmasked merge, so it is reported under `withdrawals` instead.
     served_masked = [row for row in merged.values() if row.get("served") != "unmasked"]
     methods = {}
     for method, key in METRIC_KEYS.items():
