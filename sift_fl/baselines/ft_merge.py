@@ -15,14 +15,20 @@ import numpy as np
 from sift_fl.fixed_point import FixedPointFormat, OutOfRangeError
 
 
-def uniform_mean(residuals: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Return (1/N) Σ_c τ_c per tensor, computed in float64 and returned as float32."""
+def float64_sum(residuals: Sequence[Mapping[str, np.ndarray]], caller: str) -> dict[str, np.ndarray]:
+    """Return Σ_c τ_c per tensor in float64; raise ValueError naming `caller` if there is no residual."""
     if not residuals:
-        raise ValueError("uniform_mean needs at least one residual")
+        raise ValueError(f"{caller} needs at least one residual")
     total = {name: np.zeros(np.shape(values), dtype=np.float64) for name, values in residuals[0].items()}
     for residual in residuals:
         for name in total:
             total[name] += residual[name]
+    return total
+
+
+def uniform_mean(residuals: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Return (1/N) Σ_c τ_c per tensor, computed in float64 and returned as float32."""
+    total = float64_sum(residuals, "uniform_mean")
     return {name: (values / len(residuals)).astype(np.float32) for name, values in total.items()}
 
 

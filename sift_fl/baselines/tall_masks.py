@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from sift_fl.baselines.ft_merge import float64_sum
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -24,12 +26,7 @@ DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 def summed_residual(residuals: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Return τ_MTL = Σ_t τ_t per tensor, summed in float64 and returned as float32."""
-    if not residuals:
-        raise ValueError("summed_residual needs at least one residual")
-    total = {name: np.zeros(np.shape(values), dtype=np.float64) for name, values in residuals[0].items()}
-    for residual in residuals:
-        for name in total:
-            total[name] += residual[name]
+    total = float64_sum(residuals, "summed_residual")
     return {name: values.astype(np.float32) for name, values in total.items()}
 
 
