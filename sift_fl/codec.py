@@ -82,7 +82,7 @@ def encode_residual(
     Raises
     ------
     InvalidResidualError
-        If a tensor is missing, has the wrong shape, holds NaN or Inf, or has a nonzero
+        If a tensor is missing, has the wrong shape, contains NaN or Inf, or has a nonzero
         coordinate whose sign disagrees with the sign vector.
     """
     if magnitude_dtype not in MAGNITUDE_DTYPES:

@@ -1,8 +1,8 @@
 """Sign-fixed tuning (SIFT): the projection applied after every optimizer step.
 
 After each step, every coordinate whose residual τ = θ − θ0 is zero or has the sign
-opposite to the sign vector v is reset to θ0, so that τ ⊙ v ≥ 0 and the mask
-m = 1{τ ≠ 0} holds exactly the coordinates that moved in v's direction.
+opposite to the sign vector v is reset to θ0. Then τ ⊙ v ≥ 0, and the mask m = 1{τ ≠ 0}
+contains exactly the coordinates that moved in v's direction.
 """
 
 from __future__ import annotations

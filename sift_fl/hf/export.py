@@ -14,9 +14,9 @@ from sift_fl.training import load_values
 def plain_model_values(base: BaseModel, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Return the served model's weights under plain module names (`encoder.layer.5.…`, `head.…`).
 
-    In LoRA mode the served values are B matrices and the head; they are loaded into a copy of
+    In LoRA mode the served values are B matrices and the head. They are loaded into a copy of
     the PEFT model, and PEFT's `merge_and_unload` folds W + scaling · B · A into each adapted
-    weight, so the export is the merged model, not an adapter directory. In the other modes
+    weight. The export is therefore the merged model, not an adapter directory. In the other modes
     the values already use plain names and are returned unchanged.
     """
     if getattr(base.setting, "mode", "") != "lora":

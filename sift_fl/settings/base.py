@@ -1,4 +1,4 @@
-"""What a setting provides: a base model θ0, its trainable set and each client's data."""
+"""Setting interface: a base model θ0, its trainable set and each client's data."""
 
 from __future__ import annotations
 

